@@ -1,0 +1,4 @@
+from bcssl.cli import main
+import sys
+
+sys.exit(main())

@@ -1,0 +1,156 @@
+"""The ``bcssl`` command line. Each subcommand is a thin call into the library.
+
+Errors a user can fix (bad config key, missing dataset, unreadable checkpoint) print one line
+on stderr and exit non-zero; ``--debug`` shows the traceback instead.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  bcssl demo                                        # Fashion-MNIST, CPU, ~15 min
+  bcssl pretrain --config demo_fmnist train.epochs=2
+  bcssl pretrain --config imagenet_bcssl_t_300ep data.root=/data/imagenet
+  bcssl eval knn runs/demo
+  bcssl presets
+"""
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last stdout line")
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="bcssl", description="Self-supervised pre-training of large-kernel CNNs "
+                                     "(BC-SSL) with DINO.", epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("pretrain", help="pre-train a backbone (resumes when the run directory has a checkpoint)")
+    p.add_argument("--config", required=True, help="preset name (see `bcssl presets`) or a YAML file")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=10")
+    _add_common(p)
+
+    p = sub.add_parser("demo", help="pre-train a small BC-SSL on Fashion-MNIST and report k-NN vs baselines")
+    p.add_argument("--config", default="demo_fmnist", help="preset (default demo_fmnist; demo_fmnist_long: ~1 h)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    _add_common(p)
+
+    p = sub.add_parser("eval", help="evaluate a run")
+    esub = p.add_subparsers(dest="eval_command", metavar="EVALUATION")
+    e = esub.add_parser("knn", help="weighted k-NN (DINO protocol) of the run's eval backbone")
+    e.add_argument("run", help="run directory (contains config.yaml and checkpoint.pt)")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="e.g. eval.knn_k=10 device=cpu data.root=...")
+    _add_common(e)
+
+    p = sub.add_parser("presets", help="list the built-in presets")
+    _add_common(p)
+    return parser
+
+
+def _emit(args, result: dict, human: str) -> None:
+    print(human, flush=True)
+    if args.json:
+        print(json.dumps(result), flush=True)
+
+
+def cmd_pretrain(args) -> None:
+    from bcssl.config import load_config
+    from bcssl.engine.trainer import train
+    from bcssl.eval.knn import KNNEvaluator
+    from bcssl.engine.trainer import resolve_device
+
+    cfg = load_config(args.config, args.overrides)
+    device = resolve_device(cfg.device)
+    monitor = None
+    if cfg.eval.knn_every or cfg.eval.final_knn:
+        evaluator = KNNEvaluator(cfg, device, progress=cfg.train.progress, train_limit=cfg.eval.knn_train_limit,
+                                 test_limit=cfg.eval.knn_test_limit)
+        monitor = lambda method, epoch: evaluator(method.eval_backbone())  # noqa: E731
+    result = train(cfg, knn_eval=monitor).as_dict()
+    knn = f", k-NN top-1 {result['knn_top1']:.2f}%" if result["knn_top1"] is not None else ""
+    _emit(args, result, f"done: {result['run_dir']} ({result['images_seen']} images, "
+                        f"{result['imgs_per_s']:.0f} img/s{knn})")
+
+
+def cmd_demo(args) -> None:
+    from bcssl.config import load_config
+    from bcssl.demo import run_demo
+
+    cfg = load_config(args.config, args.overrides)
+    s = run_demo(cfg)
+    _emit(args, s, (f"k-NN top-1 on Fashion-MNIST test: pre-trained {s['knn_top1']:.2f}% | random init "
+                    f"{s['baseline_random_knn_top1']:.2f}% | raw pixels {s['baseline_pixels_knn_top1']:.2f}% "
+                    f"({s['wall_s']:.0f} s); report: {s['run_dir']}/report.md"))
+
+
+def cmd_eval_knn(args) -> None:
+    from bcssl.config import load_config
+    from bcssl.engine.checkpoint import latest, load
+    from bcssl.engine.trainer import build_method, resolve_device
+    from bcssl.eval.knn import KNNEvaluator
+
+    run = Path(args.run)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a bcssl run directory (no config.yaml)")
+    cfg = load_config(str(run / "config.yaml"), args.overrides)
+    path = latest(run)
+    if path is None:
+        raise FileNotFoundError(f"{run} has no checkpoint.pt to evaluate")
+    method = build_method(cfg)
+    method.load_state_dict(load(path)["method"])
+    device = resolve_device(cfg.device)
+    res = KNNEvaluator(cfg, device, progress=cfg.train.progress)(method.eval_backbone().to(device))
+    result = {"run_dir": str(run), "knn_top1": res["top1"], "knn_top5": res["top5"], "k": cfg.eval.knn_k}
+    (run / "knn.json").write_text(json.dumps(result, indent=2) + "\n")
+    _emit(args, result, f"k-NN (k={cfg.eval.knn_k}) top-1 {res['top1']:.2f}%, top-5 {res['top5']:.2f}%")
+
+
+def cmd_presets(args) -> None:
+    from bcssl.config import list_presets, preset_path
+
+    rows = {}
+    for name in list_presets():
+        first = preset_path(name).read_text().splitlines()[0].lstrip("# ").strip()
+        rows[name] = first
+    _emit(args, {"presets": rows}, "\n".join(f"{k:28s} {v}" for k, v in rows.items()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None or (args.command == "eval" and args.eval_command is None):
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO, format="[bcssl] %(message)s")
+    handler = {"pretrain": cmd_pretrain, "demo": cmd_demo, "presets": cmd_presets,
+               "eval": {"knn": cmd_eval_knn}.get(getattr(args, "eval_command", None))}[args.command]
+    try:
+        handler(args)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume from the last checkpoint", file=sys.stderr)
+        return 130
+    except Exception as e:  # one clear line for the user; the traceback with --debug
+        if args.debug or not _is_user_error(e):
+            raise
+        print(f"bcssl: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _is_user_error(e: Exception) -> bool:
+    from bcssl.config import ConfigError
+    from bcssl.engine.checkpoint import CheckpointError
+    from bcssl.engine.trainer import TrainingError
+
+    return isinstance(e, (ConfigError, CheckpointError, TrainingError, FileNotFoundError, ValueError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

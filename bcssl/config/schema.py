@@ -1,0 +1,123 @@
+"""Every configuration key of a run, with its default.
+
+Defaults follow the paper's ImageNet DINO recipe (PAPER.md section 2) so that a preset only states
+what it changes; small-data presets override what the short-run regime needs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+
+@dataclass
+class RunConfig:
+    name: str = "default"
+    dir: str = "runs"  # run directory = <dir>/<name>
+
+
+@dataclass
+class DataConfig:
+    name: str = "fashion_mnist"  # fashion_mnist | image_folder | cifar10 | cifar100 | stl10
+    root: Optional[str] = None  # None: the dataset's default location
+    split: str = "train"
+    eval_split: str = "test"  # the split k-NN queries come from ("val" for ImageNet folders)
+    download: bool = False
+    limit: Optional[int] = None  # use only the first N training images
+    workers: int = 4
+    load_size: int = 256  # image_folder: shorter side resized + centre-cropped to this square
+
+
+@dataclass
+class ModelConfig:
+    name: str = "bcssl_t"
+    kernel_size: Any = 9  # int or one per stage
+    dw_norm: str = "bn+ln"  # bn+ln (paper) | ln (vanilla ConvNeXt) | bn
+    stem_stride: int = 4
+    drop_path_rate: float = 0.1  # student only; DINO builds the teacher without drop path
+    depths: Optional[List[int]] = None  # override the variant's (tiny custom models)
+    dims: Optional[List[int]] = None
+
+
+@dataclass
+class MethodConfig:
+    name: str = "dino"
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    head_layers: int = 3
+    norm_last_layer: bool = False  # the paper removes the last-layer normalisation for stability
+    use_bn_in_head: bool = False
+    student_temp: float = 0.1
+    warmup_teacher_temp: float = 0.04
+    teacher_temp: float = 0.07
+    warmup_teacher_temp_epochs: int = 30
+    center_momentum: float = 0.9
+    momentum_teacher: float = 0.996  # cosine -> 1
+    freeze_last_layer: int = 1  # epochs during which the head's last layer gets no update
+
+
+@dataclass
+class CropsConfig:
+    global_size: int = 224
+    local_size: int = 96
+    n_local: int = 8
+    global_scale: List[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_scale: List[float] = field(default_factory=lambda: [0.05, 0.4])
+    flip_p: float = 0.5
+    jitter: List[float] = field(default_factory=lambda: [0.4, 0.4, 0.2, 0.1])
+    jitter_p: float = 0.8
+    grayscale_p: float = 0.2
+    blur_p: List[float] = field(default_factory=lambda: [1.0, 0.1, 0.5])
+    blur_sigma: List[float] = field(default_factory=lambda: [0.1, 2.0])
+    solarize_p: List[float] = field(default_factory=lambda: [0.0, 0.2, 0.0])
+    mean: List[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: List[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 100
+    batch_size: int = 64  # per process; the global batch is batch_size x world size
+    lr: float = 5e-4  # at a global batch of 256: lr = lr * global_batch / 256 (DINO)
+    min_lr: float = 1e-6
+    warmup_epochs: int = 10
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.4
+    clip_grad: float = 3.0  # per-parameter gradient-norm clip (DINO); 0 disables
+    amp: str = "none"  # none | bf16 | fp16 (fp16 uses a grad scaler, CUDA only)
+    channels_last: bool = True
+    checkpoint_every_steps: int = 500  # plus one at every epoch end
+    log_every_steps: int = 20
+    max_nonfinite_steps: int = 20  # this many non-finite losses in a row stop the run
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    knn_every: int = 20  # epochs between k-NN monitor evaluations (0: only at the end)
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    knn_train_limit: Optional[int] = None  # subsample the memory bank for a cheap monitor
+    knn_test_limit: Optional[int] = None
+    batch_size: int = 256
+    final_knn: bool = True
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = True
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: Optional[int] = None  # torch.set_num_threads on CPU (None: torch's default)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)

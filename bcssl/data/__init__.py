@@ -1,0 +1,34 @@
+"""Data: datasets of uint8 images and the deterministic, resumable batch loader.
+
+(The batched multi-crop augmentation lives in ``bcssl.data.multicrop``; import it from there.)
+"""
+
+from .datasets import (
+    DATASET_NAMES,
+    FASHION_MNIST_CLASSES,
+    FASHION_MNIST_DIRS,
+    IMG_EXTENSIONS,
+    DatasetNotFoundError,
+    ImageFolderDataset,
+    InMemoryImages,
+    build_dataset,
+    load_fashion_mnist,
+    load_torchvision,
+)
+from .loader import BatchLoader, epoch_order, steps_per_epoch
+
+__all__ = [
+    "DATASET_NAMES",
+    "FASHION_MNIST_CLASSES",
+    "FASHION_MNIST_DIRS",
+    "IMG_EXTENSIONS",
+    "DatasetNotFoundError",
+    "ImageFolderDataset",
+    "InMemoryImages",
+    "build_dataset",
+    "load_fashion_mnist",
+    "load_torchvision",
+    "BatchLoader",
+    "epoch_order",
+    "steps_per_epoch",
+]

@@ -1,0 +1,238 @@
+"""The pre-training loop: one readable function over (epoch, step), DINO-style.
+
+Exact resume: everything random in a step is derived from (seed, step) (multi-crop parameters,
+stochastic depth) and the data order from (seed, epoch), so a run restarted from a mid-epoch
+checkpoint replays the remaining steps bit for bit.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from bcssl.data import BatchLoader, build_dataset
+from bcssl.data.multicrop import MultiCrop, MultiCropConfig
+from bcssl.engine import checkpoint as ckpt
+from bcssl.engine.run_dir import MetricsLog, run_dir_of, save_config
+from bcssl.engine.schedules import cosine_schedule
+from bcssl.methods import SSLMethod, create_method
+
+log = logging.getLogger("bcssl")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (e.g. the loss stayed non-finite); the message says why."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device '{name}' requested but CUDA is not available; use device=cpu")
+    return device
+
+
+def step_seed(seed: int, step: int) -> int:
+    """A distinct, reproducible 63-bit seed per (run seed, global step)."""
+    return (seed * 1_000_003 + step * 7_919 + 12_345) % (2 ** 63 - 1)
+
+
+def multicrop_from_config(crops: DictConfig) -> MultiCrop:
+    fields = MultiCropConfig.__dataclass_fields__
+    kw = {k: (tuple(v) if isinstance(v, (list, tuple)) or OmegaConf.is_list(v) else v)
+          for k, v in crops.items() if k in fields}
+    return MultiCrop(MultiCropConfig(**kw))
+
+
+def param_groups(model: torch.nn.Module) -> list[dict]:
+    """AdamW groups: weight decay on weights only; biases and 1-D params (norms, layer scale,
+    weight-norm magnitude) get none, as in DINO's ``get_params_groups``."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
+    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def clip_gradients_per_param(model: torch.nn.Module, clip: float) -> None:
+    """DINO's ``clip_gradients``: each parameter's gradient norm is clipped to ``clip`` on its own."""
+    for p in model.parameters():
+        if p.grad is not None:
+            norm = p.grad.detach().norm(2)
+            p.grad.mul_(torch.clamp(clip / (norm + 1e-6), max=1.0))
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    epochs: int
+    images_seen: int
+    train_s: float
+    imgs_per_s: float
+    knn_top1: float | None
+    nonfinite_steps: int
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def build_method(cfg: DictConfig) -> SSLMethod:
+    return create_method(cfg.method.name, cfg.model, cfg.method)
+
+
+def train(cfg: DictConfig, *, knn_eval=None) -> TrainResult:
+    """Pre-train with ``cfg``; resumes from ``<run_dir>/checkpoint.pt`` when one exists.
+
+    ``knn_eval(method, epoch) -> dict`` (optional) is the k-NN monitor called every
+    ``eval.knn_every`` epochs and after the last one.
+    """
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    device = resolve_device(cfg.device)
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+    dataset = build_dataset(cfg.data.name, root=cfg.data.root, split=cfg.data.split,
+                            download=cfg.data.download, load_size=cfg.data.load_size)
+    loader = BatchLoader(dataset, cfg.train.batch_size, seed=cfg.seed, shuffle=True, drop_last=True,
+                         workers=cfg.data.workers, pin_memory=device.type == "cuda", limit=cfg.data.limit)
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise TrainingError(f"{len(dataset)} training images (data.limit={cfg.data.limit}) give no full "
+                            f"batch of train.batch_size={cfg.train.batch_size}")
+    epochs = cfg.train.epochs
+    total_steps = steps_per_epoch * epochs
+    global_batch = cfg.train.batch_size  # x world size once distributed
+    base_lr = cfg.train.lr * global_batch / 256  # DINO's linear scaling rule
+    warmup_steps = min(cfg.train.warmup_epochs * steps_per_epoch, total_steps)
+
+    torch.manual_seed(cfg.seed)  # model initialisation
+    method = build_method(cfg)
+    method.setup(steps_per_epoch, epochs)
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    method.to(device=device, memory_format=memory_format)
+    multicrop = multicrop_from_config(cfg.crops)
+    optimizer = torch.optim.AdamW(param_groups(method.student), lr=base_lr, weight_decay=cfg.train.weight_decay,
+                                  fused=device.type == "cuda")
+    amp = cfg.train.amp
+    if amp == "fp16" and device.type != "cuda":
+        raise TrainingError("train.amp=fp16 needs a CUDA device; use train.amp=bf16 or none on CPU")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+                if amp != "none" else contextlib.nullcontext())
+
+    # --- resume -------------------------------------------------------------------------------
+    start_step, train_s, nonfinite_total, images_seen, knn_top1 = 0, 0.0, 0, 0, None
+    resume_path = ckpt.latest(run_dir)
+    if resume_path is not None:
+        state = ckpt.load(resume_path, map_location=device)
+        method.load_state_dict(state["method"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        start_step, train_s = int(state["step"]), float(state["train_s"])
+        nonfinite_total, images_seen = int(state["nonfinite_total"]), int(state["images_seen"])
+        knn_top1 = state.get("knn_top1")
+        log.info("resuming %s at step %d/%d", run_dir, start_step, total_steps)
+    save_config(cfg, run_dir)
+    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume_path else None,
+                         tensorboard_dir=run_dir / "tb" if cfg.log.tensorboard else None)
+
+    def save_checkpoint(next_step: int) -> None:
+        ckpt.save({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
+                   "scaler": scaler.state_dict(), "step": next_step, "epoch": next_step // steps_per_epoch,
+                   "train_s": train_s, "nonfinite_total": nonfinite_total, "images_seen": images_seen,
+                   "knn_top1": knn_top1, "config": OmegaConf.to_container(cfg, resolve=True)},
+                  run_dir / "checkpoint.pt")
+
+    # --- train --------------------------------------------------------------------------------
+    method.train()
+    nonfinite_streak = 0
+    step = start_step
+    for epoch in range(start_step // steps_per_epoch, epochs):
+        first = step % steps_per_epoch if epoch == start_step // steps_per_epoch else 0
+        bar = tqdm(loader.epoch(epoch, start_step=first), total=steps_per_epoch, initial=first,
+                   desc=f"epoch {epoch + 1}/{epochs}", disable=not cfg.train.progress, dynamic_ncols=True)
+        t_log, n_log = time.perf_counter(), 0
+        for images, _ in bar:
+            if images.shape[0] == 0:  # every image of this batch was unreadable (counted by the loader)
+                step += 1
+                continue
+            t0 = time.perf_counter()
+            lr = cosine_schedule(step, total_steps, base_lr, cfg.train.min_lr, warmup_steps)
+            wd = cosine_schedule(step, total_steps, cfg.train.weight_decay, cfg.train.weight_decay_end)
+            optimizer.param_groups[0].update(lr=lr, weight_decay=wd)
+            optimizer.param_groups[1].update(lr=lr)
+
+            images = images.to(device, non_blocking=True)
+            crops = multicrop(images, seed=step_seed(cfg.seed, step))
+            crops = [c.contiguous(memory_format=memory_format) for c in crops]
+            torch.manual_seed(step_seed(cfg.seed + 1, step))  # stochastic depth
+            with autocast:
+                loss, logs = method.loss(crops, step)
+
+            if not torch.isfinite(loss):
+                # Skip the update (no optimiser step, no EMA) and count it; a long streak stops the run.
+                nonfinite_streak += 1
+                nonfinite_total += 1
+                optimizer.zero_grad(set_to_none=True)
+                metrics.write("nonfinite", step, epoch=epoch, loss=float(loss))
+                if nonfinite_streak >= cfg.train.max_nonfinite_steps:
+                    save_checkpoint(step + 1)
+                    raise TrainingError(
+                        f"the loss was non-finite for {nonfinite_streak} steps in a row (step {step}); "
+                        "lower train.lr, use train.amp=none or bf16, or check the data")
+                step += 1
+                continue
+            nonfinite_streak = 0
+
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            if cfg.train.clip_grad > 0:
+                clip_gradients_per_param(method.student, cfg.train.clip_grad)
+            method.before_optimizer_step(step)
+            scaler.step(optimizer)
+            scaler.update()
+            method.after_step(step)
+
+            step += 1
+            images_seen += images.shape[0]
+            n_log += images.shape[0]
+            train_s += time.perf_counter() - t0
+            if step % cfg.train.log_every_steps == 0 or step % steps_per_epoch == 0:
+                dt = time.perf_counter() - t_log
+                values = {"loss": loss.item(), "lr": lr, "wd": wd, "imgs_per_s": n_log / max(dt, 1e-9),
+                          **{k: float(v) for k, v in logs.items()}}
+                metrics.write("train", step, epoch=epoch + step % steps_per_epoch / steps_per_epoch, **values)
+                bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{values['imgs_per_s']:.0f}",
+                                refresh=False)
+                t_log, n_log = time.perf_counter(), 0
+            if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0 \
+                    and step % steps_per_epoch:
+                save_checkpoint(step)
+        bar.close()
+        last = epoch + 1 == epochs
+        every = cfg.eval.knn_every
+        if knn_eval is not None and ((every and (epoch + 1) % every == 0) or (last and cfg.eval.final_knn)):
+            result = knn_eval(method, epoch + 1)
+            knn_top1 = result["top1"]
+            metrics.write("knn", step, epoch=epoch + 1, top1=result["top1"], top5=result["top5"])
+            log.info("epoch %d: k-NN top-1 %.2f%%", epoch + 1, knn_top1)
+            method.train()
+        save_checkpoint(step)
+    if loader.skipped:
+        metrics.write("data", step, skipped_images=loader.skipped)
+    metrics.close()
+    return TrainResult(run_dir=str(run_dir), epochs=epochs, images_seen=images_seen, train_s=train_s,
+                       imgs_per_s=images_seen / max(train_s, 1e-9), knn_top1=knn_top1,
+                       nonfinite_steps=nonfinite_total)

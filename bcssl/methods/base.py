@@ -1,0 +1,84 @@
+"""The interface every self-supervised method implements, and the helpers they share."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from bcssl.models import create_backbone
+
+
+def backbone_from_config(model_cfg, **overrides) -> nn.Module:
+    """Build ``model.*`` from a config; ``overrides`` (e.g. ``drop_path_rate=0``) win."""
+    kw = dict(kernel_size=model_cfg.kernel_size, dw_norm=model_cfg.dw_norm,
+              stem_stride=model_cfg.stem_stride, drop_path_rate=model_cfg.drop_path_rate)
+    if model_cfg.get("depths") is not None:
+        kw["depths"] = tuple(model_cfg.depths)
+    if model_cfg.get("dims") is not None:
+        kw["dims"] = tuple(model_cfg.dims)
+    if not isinstance(kw["kernel_size"], int):
+        kw["kernel_size"] = tuple(kw["kernel_size"])
+    kw.update(overrides)
+    return create_backbone(model_cfg.name, **kw)
+
+
+class MultiCropWrapper(nn.Module):
+    """backbone + head over a list of crops: crops of equal resolution go through the backbone in
+    one batch (as in DINO's MultiCropWrapper); the head then runs once on all features."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+
+    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+        feats, start = [], 0
+        while start < len(crops):
+            end = start
+            while end < len(crops) and crops[end].shape[-1] == crops[start].shape[-1]:
+                end += 1
+            feats.append(self.backbone(torch.cat(crops[start:end])))
+            start = end
+        return self.head(torch.cat(feats))
+
+
+@torch.no_grad()
+def ema_update(target: Iterable[nn.Parameter], source: Iterable[nn.Parameter], momentum: float) -> None:
+    """target <- momentum * target + (1 - momentum) * source, parameters only (buffers such as
+    BN running statistics are not averaged: each network keeps its own, as in DINO/BYOL)."""
+    t, s = list(target), list(source)
+    torch._foreach_mul_(t, momentum)
+    torch._foreach_add_(t, s, alpha=1.0 - momentum)
+
+
+class SSLMethod(nn.Module):
+    """Base class: a method owns its networks, its loss and its own schedules (EMA momentum,
+    temperatures); the trainer owns the optimiser, lr/wd schedules, AMP and checkpoints.
+
+    Subclasses set ``self.student`` (the module whose parameters are optimised) and implement
+    :meth:`loss` and :meth:`eval_backbone`.
+    """
+
+    student: nn.Module
+
+    def setup(self, steps_per_epoch: int, epochs: int) -> None:
+        """Called once by the trainer before training so schedules know the run length."""
+        self.steps_per_epoch = steps_per_epoch
+        self.epochs = epochs
+
+    def loss(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
+        raise NotImplementedError
+
+    def before_optimizer_step(self, step: int) -> None:
+        """Hook between backward and the optimiser step (e.g. freeze a layer for a while)."""
+
+    def after_step(self, step: int) -> None:
+        """Hook after the optimiser step (EMA teacher update)."""
+
+    def eval_backbone(self) -> nn.Module:
+        raise NotImplementedError
+
+    @property
+    def num_global_crops(self) -> int:
+        return 2
