@@ -56,31 +56,21 @@ class DataAugmentationDINO:
         normalize = transforms.Compose([transforms.ToTensor(), transforms.Normalize(cfg.mean, cfg.std)])
         bicubic = transforms.InterpolationMode.BICUBIC
         lo, hi = cfg.blur_sigma
-        self.global_transfo1 = transforms.Compose([
-            transforms.RandomResizedCrop(cfg.global_size, scale=cfg.global_scale, ratio=cfg.ratio,
-                                         interpolation=bicubic),
-            flip_and_color_jitter,
-            GaussianBlur(cfg.blur_p[0], lo, hi),
-            Solarization(cfg.solarize_p[0]),
-            normalize,
-        ])
-        self.global_transfo2 = transforms.Compose([
-            transforms.RandomResizedCrop(cfg.global_size, scale=cfg.global_scale, ratio=cfg.ratio,
-                                         interpolation=bicubic),
-            flip_and_color_jitter,
-            GaussianBlur(cfg.blur_p[1], lo, hi),
-            Solarization(cfg.solarize_p[1]),
-            normalize,
-        ])
+
+        def crop_pipeline(size, scale, blur_p, solarize_p):
+            steps = [
+                transforms.RandomResizedCrop(size, scale=scale, ratio=cfg.ratio, interpolation=bicubic),
+                flip_and_color_jitter,
+                GaussianBlur(blur_p, lo, hi),
+            ]
+            if solarize_p > 0:  # DINO has Solarization on global2 only
+                steps.append(Solarization(solarize_p))
+            return transforms.Compose(steps + [normalize])
+
+        self.global_transfo1 = crop_pipeline(cfg.global_size, cfg.global_scale, cfg.blur_p[0], cfg.solarize_p[0])
+        self.global_transfo2 = crop_pipeline(cfg.global_size, cfg.global_scale, cfg.blur_p[1], cfg.solarize_p[1])
         self.local_crops_number = cfg.n_local
-        self.local_transfo = transforms.Compose([
-            transforms.RandomResizedCrop(cfg.local_size, scale=cfg.local_scale, ratio=cfg.ratio,
-                                         interpolation=bicubic),
-            flip_and_color_jitter,
-            GaussianBlur(cfg.blur_p[2], lo, hi),
-            Solarization(cfg.solarize_p[2]),
-            normalize,
-        ])
+        self.local_transfo = crop_pipeline(cfg.local_size, cfg.local_scale, cfg.blur_p[2], cfg.solarize_p[2])
 
     def __call__(self, image: Image.Image) -> list[torch.Tensor]:
         crops = [self.global_transfo1(image), self.global_transfo2(image)]

@@ -12,23 +12,28 @@ How it is batched:
   ``torch.Generator`` seeded with ``seed`` (small tensors), so the output depends only on
   ``(images, seed)``: not on the device, the global RNG or the thread count.
 * All crops of all images come from ONE ``F.grid_sample`` call (bicubic, align_corners=False,
-  border padding): each crop is an axis-aligned affine box (flip folded in as a negative x scale);
-  the grids of every crop are laid end to end in one ``(B, 1, P, 2)`` grid.
-* Colour jitter follows torchvision's ``ColorJitter`` exactly, including its random order of the
-  four adjustments *per image*: the jitter runs in four stages; at stage ``k`` each image applies
-  its own ``order[k]``-th adjustment. Brightness, contrast and saturation are all
-  ``clamp(alpha * x + beta * gray(x) + gamma)`` with per-image coefficients, so one fused
-  elementwise pass handles every image of a stage; hue runs on the stage's hue subset.
-* Grayscale, blur, solarize and hue touch only the images drawn for them (index_select /
-  index_copy_ with indices computed on the CPU, so nothing waits on the device).
+  border padding): each crop is an axis-aligned affine box (flip folded in as a negative x scale)
+  and the grids of all crops of an image are laid end to end in one ``(B, 1, P, 2)`` grid. The
+  output ``(B, 3, P)`` is worked on in place and is the returned memory: each crop is a view
+  ``(B, 3, S, S)`` of it (batch stride ``3 * P``; ``.contiguous()`` where a dense tensor is needed).
+* Colour jitter uses torchvision's per-image random factors, but ONE random order of the four
+  adjustments per crop group (global1, global2, each local) and call, where torchvision's
+  ``ColorJitter`` draws an order per image: each op then runs on a whole crop group at once.
+  Images that skip the jitter (p=0.2) get identity factors, which are exact no-ops.
+* Hue, grayscale, blur and solarize only touch the images drawn for them (``index_select`` /
+  ``index_copy_`` with indices computed on the CPU, so nothing waits on the device).
 * Blur: separable Gaussian with per-image sigma via two grouped (depthwise) convolutions over the
   whole subset, radius ``ceil(3 * max sigma)`` of the subset, reflect padding (as torchvision).
+* CPU scratch tensors are kept between calls (fresh CPU memory costs page faults worth ~10
+  elementwise passes), so an instance must not be used by two threads at once.
+* On the CPU most time goes to the bicubic ``grid_sample`` (~half) and the blur convolutions;
+  ``benchmarks/augment_throughput.py`` compares it with DINO's per-image PIL pipeline.
 
 Known differences from DINO's PIL pipeline (all in the direction of torchvision's tensor ops):
 crop boxes are continuous (sub-pixel) instead of rounded to whole pixels; bicubic uses
 ``grid_sample``'s a=-0.75 kernel (PIL: a=-0.5) and does not antialias when a crop is shrunk;
 blur is an exact Gaussian (PIL approximates it with box blurs); colour ops run on float images
-(PIL rounds to uint8 after each op).
+(PIL rounds to uint8 after each op); the jitter order is per crop group, not per image.
 """
 
 from __future__ import annotations
@@ -51,7 +56,6 @@ __all__ = [
     "adjust_contrast",
     "adjust_saturation",
     "adjust_hue",
-    "color_jitter",
     "gaussian_blur",
     "solarize",
 ]
@@ -62,8 +66,10 @@ GRAY_WEIGHTS = (0.2989, 0.587, 0.114)
 #: round to >= 128 is >= 127.5/255 = 0.5, and on uint8 values ``k/255 >= 0.5`` iff ``k >= 128``.
 SOLARIZE_THRESHOLD = 0.5
 
+_PAD = 2  # replicated border of the input: the reach of the bicubic kernel
+
 # Jitter op ids, in torchvision ColorJitter's order of factors.
-_BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = range(4)
+BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 
 
 @dataclass
@@ -100,163 +106,232 @@ class MultiCropConfig:
 
 
 # --------------------------------------------------------------------------------------------
-# Batched functional ops. Images are float (N, 3, H, W) in [0, 1]; factors are per image (N,).
+# Scratch memory
 # --------------------------------------------------------------------------------------------
 
 
-def crop_grid(boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
-    """Sampling grid ``(N, S, S, 2)`` for crop boxes, equal to ``F.affine_grid`` (align_corners=False).
+class _Workspace:
+    """Named CPU scratch buffers kept between calls; ``get`` returns a view of the needed shape.
 
-    ``boxes`` (N, 4) = (top, left, height, width) as fractions of the image height/width (floats,
-    sub-pixel allowed); ``flips`` (N,) bool mirrors the crop horizontally. The affine is
-    ``x = a_x * u + t_x``, ``y = a_y * v + t_y`` with ``a_x = -+width``, ``t_x = 2 * left + width - 1``
-    (same for y), i.e. ``theta = [[a_x, 0, t_x], [0, a_y, t_y]]``. Being axis-aligned, the grid is
-    an outer combination of two 1-D ramps, built without ``affine_grid``'s (N, S*S, 3) matmul.
+    Every step needs temporaries of the same sizes. On the CPU, fresh large allocations go back
+    to the OS when freed and are page-faulted in again on the next step, which costs more than
+    the arithmetic on them. Other devices have caching allocators: plain allocations there.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape, device, dtype=torch.float32) -> torch.Tensor:
+        if torch.device(device).type != "cpu":
+            return torch.empty(shape, device=device, dtype=dtype)
+        numel = math.prod(shape)
+        buf = self._bufs.get(name)
+        if buf is None or buf.numel() < numel or buf.device != torch.device(device) or buf.dtype != dtype:
+            buf = torch.empty(numel, device=device, dtype=dtype)
+            self._bufs[name] = buf
+        return buf[:numel].view(shape)
+
+
+def _scratch(ws: _Workspace | None, name: str, shape, like: torch.Tensor) -> torch.Tensor:
+    if ws is None:
+        return torch.empty(shape, device=like.device, dtype=like.dtype)
+    return ws.get(name, shape, like.device, like.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Batched ops. Images are float (N, 3, ...) in [0, 1]; factors are per image (N,).
+# The ``*_`` kernels work in place on contiguous (N, 3, P) tensors.
+# --------------------------------------------------------------------------------------------
+
+
+def crop_grid(boxes: torch.Tensor, flips: torch.Tensor, size: int, out: torch.Tensor | None = None,
+              fit: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+    """Sampling grid ``(..., S, S, 2)`` for crop boxes, equal to ``F.affine_grid`` (align_corners=False).
+
+    ``boxes`` (..., 4) = (top, left, height, width) as fractions of the image height/width
+    (sub-pixel allowed); ``flips`` (...) bool mirrors the crop horizontally. The affine is
+    ``theta = [[a_x, 0, t_x], [0, a_y, t_y]]`` with ``a_x = +-width``, ``t_x = 2 * left + width - 1``,
+    ``a_y = height``, ``t_y = 2 * top + height - 1``: diagonal, so the grid is one fused
+    ``base * (a_x, a_y) + (t_x, t_y)`` over affine_grid's base grid, without its per-pixel matmul.
+    ``fit`` = (fx, fy) scales the x and y coordinates: ``W / (W + 2p)`` addresses the same pixels
+    in an input padded by ``p`` on each side.
     """
     top, left, h, w = boxes.unbind(-1)
-    base = (torch.arange(size, device=boxes.device, dtype=boxes.dtype) * 2 + 1) / size - 1
-    ax = torch.where(flips, -w, w)
-    gx = ax[:, None] * base + (2 * left + w - 1)[:, None]  # (N, S): x of each column
-    gy = h[:, None] * base + (2 * top + h - 1)[:, None]  # (N, S): y of each row
-    n = boxes.shape[0]
-    return torch.stack((gx[:, None, :].expand(n, size, size), gy[:, :, None].expand(n, size, size)), -1)
+    lead = boxes.shape[:-1]
+    ramp = (torch.arange(size, device=boxes.device, dtype=boxes.dtype) * 2 + 1) / size - 1
+    base = torch.stack(torch.broadcast_tensors(ramp[None, :], ramp[:, None]), -1)  # (S, S, (x, y))
+    # rows of (x, y) pairs as one inner dim of 2S: broadcast ops over a tiny inner dim are slow on CPU
+    reps = (*([1] * len(lead)), size)
+    fx, fy = fit
+    scale = torch.stack((torch.where(flips, -w, w) * fx, h * fy), -1).repeat(reps).view(*lead, 1, 2 * size)
+    shift = torch.stack(((2 * left + w - 1) * fx, (2 * top + h - 1) * fy), -1).repeat(reps).view(
+        *lead, 1, 2 * size)
+    if out is None:
+        out = torch.empty(*lead, size, size, 2, device=boxes.device, dtype=boxes.dtype)
+    rows = out.view(*lead, size, 2 * size)
+    torch.mul(base.view(size, 2 * size), scale, out=rows).add_(shift)
+    return out
 
 
 def resized_crop(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor, size: int) -> torch.Tensor:
-    """Crop ``boxes`` out of float ``images`` (N, C, H, W), resize to S x S (bicubic), flip, clamp to [0, 1]."""
+    """Crop ``boxes`` (N, 4) out of float ``images`` (N, C, H, W), resize to S x S (bicubic), flip, clamp."""
     grid = crop_grid(boxes.to(images.device, torch.float32), flips.to(images.device), size)
     out = F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
     return out.clamp_(0, 1)  # bicubic overshoots
 
 
-def _per_image(v, x: torch.Tensor) -> torch.Tensor:
-    """Per-image factors as a tensor broadcastable against ``x`` (N, ...)."""
+def _col(v, x: torch.Tensor) -> torch.Tensor:
+    """Per-image values as an (N, 1, ..., 1) tensor that broadcasts against ``x`` (N, ...)."""
     v = torch.as_tensor(v, dtype=x.dtype, device=x.device)
     return v.reshape(-1, *([1] * (x.dim() - 1))).expand(x.shape[0], *([1] * (x.dim() - 1)))
 
 
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    """Luma (N, 1, ...) of RGB ``x`` (N, 3, ...), computed in torchvision's order (bit-identical)."""
+def _gray_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Luma of ``x`` (N, 3, P) into ``out`` (N, P), in torchvision's order (bit-identical)."""
     r, g, b = x.unbind(1)
-    return r.mul(GRAY_WEIGHTS[0]).add_(g, alpha=GRAY_WEIGHTS[1]).add_(b, alpha=GRAY_WEIGHTS[2]).unsqueeze(1)
+    return torch.mul(r, GRAY_WEIGHTS[0], out=out).add_(g, alpha=GRAY_WEIGHTS[1]).add_(b, alpha=GRAY_WEIGHTS[2])
 
 
 def _gray_mean(x: torch.Tensor) -> torch.Tensor:
     """Per-image mean of the luma (N,), from per-channel means (the luma is linear)."""
-    means = x.flatten(2).mean(-1)  # (N, 3)
-    w = torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=x.device)
-    return means @ w
+    return x.flatten(2).mean(-1) @ torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=x.device)
 
 
-def _affine(x: torch.Tensor, alpha, beta=None, gamma=None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """``clamp(alpha * x + beta * gray(x) + gamma, 0, 1)`` with per-image coefficients.
+def _brightness_(x: torch.Tensor, f: torch.Tensor) -> None:
+    x.mul_(_col(f, x)).clamp_(0, 1)
 
-    Brightness f: (f, 0, 0); contrast f: (f, 0, (1-f) * mean gray); saturation f: (f, 1-f, 0);
-    the identity (1, 0, 0) is exact, so images with no op at a stage pass through unchanged.
-    """
-    alpha = _per_image(alpha, x)
-    ref = None
-    if beta is not None:
-        ref = _gray(x).mul_(_per_image(beta, x))
-    if gamma is not None:
-        gamma = _per_image(gamma, x)
-        ref = gamma if ref is None else ref.add_(gamma)
-    if ref is None:
-        y = torch.mul(x, alpha, out=out)
-    else:
-        y = torch.addcmul(ref, x, alpha, out=out)
-    return y.clamp_(0, 1)
+
+# In-place mul_/add_ chains rather than addcmul: with broadcast operands addcmul is ~5x slower on CPU.
+def _contrast_(x: torch.Tensor, f: torch.Tensor) -> None:
+    f = _col(f, x)
+    mean = _col(_gray_mean(x), x)
+    x.mul_(f).add_((1 - f) * mean).clamp_(0, 1)
+
+
+def _saturation_(x: torch.Tensor, f: torch.Tensor, ws: _Workspace | None = None) -> None:
+    f = _col(f, x)
+    gray = _gray_into(x, _scratch(ws, "gray", (x.shape[0], x.shape[2]), x)).unsqueeze(1).mul_(1 - f)
+    x.mul_(f).add_(gray).clamp_(0, 1)
+
+
+def _hue_(x: torch.Tensor, shift: torch.Tensor, ws: _Workspace | None = None) -> None:
+    """In-place hue shift of ``x`` (N, 3, P) by ``shift`` (N,) turns; see :func:`adjust_hue`."""
+    n, _, p = x.shape
+    t = [_scratch(ws, f"hue{i}", (n, p), x) for i in range(6)]
+    r, g, b = x.unbind(1)
+    maxc = torch.maximum(torch.maximum(r, g, out=t[0]), b, out=t[0])
+    minc = torch.minimum(torch.minimum(r, g, out=t[1]), b, out=t[1])
+    # Branch masks as 0/1 floats: arithmetic is ~10x faster than torch.where on CPU.
+    is_r = torch.eq(maxc, r, out=t[2])
+    is_g = torch.eq(maxc, g, out=t[3])
+    is_g.addcmul_(is_g, is_r, value=-1.0)  # max == g and max != r
+    # Hue in sextants with torchvision's branches: max r: (g-b)/C, max g: (b-r)/C + 2, else
+    # (r-g)/C + 4; written as the last branch plus masked corrections (2g-b-r and b+g-2r).
+    num = torch.sub(r, g, out=t[4])
+    num.addcmul_(is_r, torch.mul(g, 2.0, out=t[5]).sub_(b).sub_(r))
+    num.addcmul_(is_g, torch.add(b, g, out=t[5]).sub_(r, alpha=2.0))
+    chroma = maxc.sub_(minc)
+    # chroma == 0 means r == g == b: the numerator is exactly 0, any positive divisor gives 0.
+    h6 = num.div_(torch.clamp(chroma, min=1e-12, out=t[5]))
+    h6.add_(is_r, alpha=-4.0).add_(is_g, alpha=-2.0).add_(_col(shift, h6) * 6.0 + 4.0)
+    h6.sub_(torch.mul(h6, 1.0 / 6.0, out=t[2]).floor_().mul_(6.0))  # mod 6 -> [0, 6]
+    # HSV -> RGB in closed form: c = min + chroma * T(h6 + n_c), n = 5, 3, 1 for R, G, B, with the
+    # period-6 trapezoid T(k) = clamp(|k - 2| - 1, 0, 1) for k in [-1, 6), which over [0, 12) is
+    # clamp(min(|k - 2|, |k - 8|) - 1, 0, 1). R uses n = -1 (= 5 mod 6) and needs one |.| only.
+    torch.sub(h6, 3.0, out=r).abs_()
+    torch.minimum(torch.add(h6, 1.0, out=g).abs_(), torch.sub(h6, 5.0, out=t[2]).abs_(), out=g)
+    torch.minimum(torch.sub(h6, 1.0, out=b).abs_(), torch.sub(h6, 7.0, out=t[2]).abs_(), out=b)
+    x.sub_(1.0).clamp_(0.0, 1.0).mul_(chroma.unsqueeze(1)).add_(minc.unsqueeze(1))
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(x.shape[0], 3, -1)
 
 
 def rgb_to_grayscale(x: torch.Tensor) -> torch.Tensor:
     """ITU-R 601-2 luma of RGB ``x`` (N, 3, H, W), replicated to 3 channels (as torchvision)."""
-    return _gray(x).expand_as(x).contiguous()
+    g = _gray_into(_flat(x), torch.empty(x.shape[0], x[0, 0].numel(), dtype=x.dtype, device=x.device))
+    return g.view(x.shape[0], 1, *x.shape[2:]).expand_as(x).contiguous()
 
 
 def adjust_brightness(x: torch.Tensor, factor) -> torch.Tensor:
     """Per-image brightness: ``clamp(f * x)`` (torchvision ``adjust_brightness``)."""
-    return _affine(x, factor)
+    y = _flat(x).clone()
+    _brightness_(y, torch.as_tensor(factor, dtype=x.dtype, device=x.device))
+    return y.view(x.shape)
 
 
 def adjust_contrast(x: torch.Tensor, factor) -> torch.Tensor:
     """Per-image contrast: blend with the image's mean luma (torchvision ``adjust_contrast``)."""
-    f = _per_image(factor, x).flatten()
-    return _affine(x, f, gamma=(1 - f) * _gray_mean(x))
+    y = _flat(x).clone()
+    _contrast_(y, torch.as_tensor(factor, dtype=x.dtype, device=x.device))
+    return y.view(x.shape)
 
 
 def adjust_saturation(x: torch.Tensor, factor) -> torch.Tensor:
     """Per-image saturation: blend with the luma image (torchvision ``adjust_saturation``)."""
-    f = _per_image(factor, x).flatten()
-    return _affine(x, f, beta=1 - f)
+    y = _flat(x).clone()
+    _saturation_(y, torch.as_tensor(factor, dtype=x.dtype, device=x.device))
+    return y.view(x.shape)
 
 
 def adjust_hue(x: torch.Tensor, factor) -> torch.Tensor:
     """Per-image hue shift by ``factor`` in [-0.5, 0.5] turns (torchvision ``adjust_hue``).
 
-    RGB -> (H, chroma, V) as torchvision's ``_rgb_to_hsv`` (same branches), shift H, then the
-    closed-form HSV -> RGB ``c_n = V - chroma * clamp(min(k, 4 - k), 0, 1)``, ``k = (n + 6H) mod 6``,
-    ``n = 5, 3, 1`` for R, G, B: ~10 elementwise passes instead of torchvision's lookup gather.
+    RGB -> (hue, chroma, V) with the branches of torchvision's ``_rgb_to_hsv`` (max == r, else
+    max == g, else b), shift the hue, then the closed-form HSV -> RGB
+    ``c = V - chroma * clamp(min(k, 4 - k), 0, 1)``, ``k = (n + 6 * hue) mod 6``, ``n = 5, 3, 1``.
+    Branches use 0/1 masks and arithmetic, all in place on a few scratch planes.
     """
-    shape = x.shape
-    x = x.reshape(shape[0], 3, -1)
-    r, g, b = x.unbind(1)
-    maxc, minc = torch.aminmax(x, dim=1)
-    chroma = maxc - minc
-    is_r = maxc == r
-    is_g = (maxc == g) & ~is_r
-    num = torch.where(is_r, g - b, torch.where(is_g, b - r, r - g))
-    sector = torch.where(is_r, 0.0, torch.where(is_g, 2.0, 4.0))
-    # chroma == 0 means r == g == b: num is 0 and the hue does not matter.
-    h6 = num.div_(torch.where(chroma == 0, 1.0, chroma)).add_(sector)
-    h6 = h6.add_(_per_image(factor, h6).mul(6.0))
-    k = h6.unsqueeze(1) + torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(1, 3, 1)
-    # V - chroma * clamp(min(k, 4-k), 0, 1) == min + chroma * clamp(|k - 2| - 1, 0, 1) for k in [0, 6)
-    k = k.remainder_(6.0).sub_(2.0).abs_().sub_(1.0).clamp_(0.0, 1.0)
-    return torch.addcmul(minc.unsqueeze(1), chroma.unsqueeze(1), k).reshape(shape)
+    y = _flat(x).clone()
+    _hue_(y, torch.as_tensor(factor, dtype=x.dtype, device=x.device))
+    return y.view(x.shape)
 
 
-def color_jitter(x: torch.Tensor, factors: torch.Tensor, order: torch.Tensor,
-                 apply: torch.Tensor | None = None) -> torch.Tensor:
-    """Batched torchvision ``ColorJitter`` with per-image factors and per-image order.
+def _reflect_pad_into(x: torch.Tensor, out: torch.Tensor, r: int, dim: int) -> torch.Tensor:
+    """Reflect-pad ``x`` by ``r`` on both sides of ``dim`` into ``out`` (as ``F.pad(mode="reflect")``).
 
-    ``factors`` (N, 4) = (brightness, contrast, saturation, hue); ``order`` (N, 4) a permutation of
-    0..3 per image (0 brightness, 1 contrast, 2 saturation, 3 hue); ``apply`` (N,) bool, images
-    with False are returned unchanged. Returns a new tensor. Parameters may live on the CPU.
+    ``F.pad``'s reflect kernel is erratic on CPU (1x to 10x a copy, depending on the shape); a
+    copy of the centre plus two flipped edge slabs costs about one copy.
     """
-    n = x.shape[0]
-    apply = torch.ones(n, dtype=torch.bool) if apply is None else apply.cpu()
-    plan = _jitter_plan(factors.cpu().float(), order.cpu(), apply)
-    return _run_jitter(x.reshape(n, 3, -1).clone(), _to_device(plan, x.device)).reshape(x.shape)
+    n = x.shape[dim]
+    out.narrow(dim, r, n).copy_(x)
+    out.narrow(dim, 0, r).copy_(x.narrow(dim, 1, r).flip(dim))
+    out.narrow(dim, r + n, r).copy_(x.narrow(dim, n - 1 - r, r).flip(dim))
+    return out
 
 
-def gaussian_blur(x: torch.Tensor, sigma, radius: int | None = None) -> torch.Tensor:
-    """Per-image Gaussian blur of ``x`` (N, C, H, W) with ``sigma`` (N,) in pixels.
+def gaussian_blur(x: torch.Tensor, sigma, radius: int | None = None, ws: _Workspace | None = None) -> torch.Tensor:
+    """Per-image Gaussian blur of ``x`` (N, C, H, W) with ``sigma`` (N,) in pixels; returns a new tensor.
 
     Separable kernels ``exp(-t^2 / 2 sigma^2)``, ``t = -radius..radius`` (radius defaults to
-    ``ceil(3 * max sigma)``), applied by two grouped convolutions (one per axis) with reflect
-    padding: the same as torchvision ``gaussian_blur(kernel_size=2 * radius + 1, sigma)``.
+    ``ceil(3 * max sigma)``, and is cut to ``size - 1``), applied by two grouped (depthwise)
+    convolutions, one per axis, with reflect padding: torchvision
+    ``gaussian_blur(kernel_size=2 * radius + 1, sigma)`` for each image.
     """
     n, c, h, w = x.shape
-    sigma = _per_image(sigma, x).flatten()
+    sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(n)
     if radius is None:
-        radius = math.ceil(3 * float(sigma.max()))
-    radius = min(int(radius), h - 1, w - 1)  # reflect padding needs pad < size
-    if radius <= 0 or n == 0:
+        radius = math.ceil(3 * float(sigma.max())) if n else 0
+    r = min(int(radius), h - 1, w - 1)  # reflect padding needs pad < size
+    if r <= 0 or n == 0:
         return x.clone()
-    t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
     kern = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
     kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (N*C, 2r+1)
-    # One image per channel group so each image gets its own kernel. Padding one axis at a time:
-    # reflect padding of a single axis is ~10x faster on CPU than of both.
-    y = F.pad(x.reshape(1, n * c, h, w), (0, 0, radius, radius), mode="reflect")
-    y = F.conv2d(y, kern.view(n * c, 1, -1, 1), groups=n * c)
-    y = F.pad(y, (radius, radius, 0, 0), mode="reflect")
-    y = F.conv2d(y, kern.view(n * c, 1, 1, -1), groups=n * c)
+    # Each image is its own channel group, so it gets its own kernel; one axis at a time.
+    planes = x.reshape(1, n * c, h, w)
+    y = F.conv2d(_reflect_pad_into(planes, _scratch(ws, "pad_v", (1, n * c, h + 2 * r, w), x), r, 2),
+                 kern.view(n * c, 1, -1, 1), groups=n * c)
+    y = F.conv2d(_reflect_pad_into(y, _scratch(ws, "pad_h", (1, n * c, h, w + 2 * r), x), r, 3),
+                 kern.view(n * c, 1, 1, -1), groups=n * c)
     return y.view(n, c, h, w)
 
 
 def solarize(x: torch.Tensor, threshold: float = SOLARIZE_THRESHOLD) -> torch.Tensor:
     """Invert pixels ``>= threshold`` (``x -> 1 - x``), as torchvision/PIL ``solarize``."""
+    if threshold == 0.5:  # min(x, 1 - x) is exactly that, and much faster than torch.where
+        return torch.minimum(x, 1.0 - x)
     return torch.where(x >= threshold, 1.0 - x, x)
 
 
@@ -276,50 +351,22 @@ def _to_device(plan: dict, device: torch.device) -> dict:
         flat = torch.cat([tensors[k].reshape(-1) for k in keys]).to(device, non_blocking=True)
         for k, part in zip(keys, flat.split([tensors[k].numel() for k in keys])):
             out[k] = part.view(tensors[k].shape)
-    for k, v in plan.items():  # nested plans (lists of stage dicts)
-        if isinstance(v, list):
-            out[k] = [_to_device(s, device) for s in v]
     return out
 
 
 def _idx(mask: torch.Tensor) -> torch.Tensor:
-    return mask.nonzero().flatten()
+    return mask.reshape(-1).nonzero().flatten()
 
 
-def _jitter_plan(factors: torch.Tensor, order: torch.Tensor, apply: torch.Tensor) -> dict:
-    """Per-stage coefficients: stage k applies each jittered image's ``order[:, k]`` op."""
-    stages = []
-    for k in range(4):
-        op = torch.where(apply, order[:, k], -1)
-        is_b, is_c, is_s, is_h = (op == i for i in range(4))
-        alpha = torch.ones(len(op))
-        for m, i in ((is_b, _BRIGHTNESS), (is_c, _CONTRAST), (is_s, _SATURATION)):
-            alpha = torch.where(m, factors[:, i], alpha)
-        c_idx, h_idx = _idx(is_c), _idx(is_h)
-        stage = {"alpha": alpha, "c_idx": c_idx, "c_w": 1 - factors[c_idx, _CONTRAST],
-                 "h_idx": h_idx, "h_shift": factors[h_idx, _HUE]}
-        stage["any_affine"] = bool((is_b | is_c | is_s).any())
-        if is_s.any():
-            stage["beta"] = torch.where(is_s, 1 - factors[:, _SATURATION], 0.0)
-        stages.append(stage)
-    return {"stages": stages}
-
-
-def _run_jitter(x: torch.Tensor, plan: dict) -> torch.Tensor:
-    """Apply a jitter plan to ``x`` (M, 3, P), reusing a second buffer (ping-pong)."""
-    spare = torch.empty_like(x)
-    for st in plan["stages"]:
-        if st["any_affine"]:
-            gamma = None
-            if st["c_idx"].numel():
-                mean = _gray_mean(x.index_select(0, st["c_idx"]))
-                gamma = x.new_zeros(x.shape[0]).index_copy_(0, st["c_idx"], st["c_w"] * mean)
-            y = _affine(x, st["alpha"], st.get("beta"), gamma, out=spare)
-            x, spare = y, x
-        if st["h_idx"].numel():
-            sub = x.index_select(0, st["h_idx"])
-            x.index_copy_(0, st["h_idx"], adjust_hue(sub, st["h_shift"]))
-    return x
+def _runs(sizes: list[int]) -> list[tuple[int, int]]:
+    """Run-length encoding of crop sizes: [224, 224, 96, ...] -> [(224, 2), (96, N)]."""
+    runs: list[tuple[int, int]] = []
+    for s in sizes:
+        if runs and runs[-1][0] == s:
+            runs[-1] = (s, runs[-1][1] + 1)
+        else:
+            runs.append((s, 1))
+    return runs
 
 
 # --------------------------------------------------------------------------------------------
@@ -334,40 +381,36 @@ class MultiCrop:
 
     def __init__(self, cfg: MultiCropConfig | None = None):
         self.cfg = cfg or MultiCropConfig()
+        self._ws = _Workspace()
 
     @property
     def n_crops(self) -> int:
         return 2 + self.cfg.n_local
 
-    def _groups(self) -> list[tuple[int, list[int]]]:
-        """(output size, crop columns) per size: globals, then locals (if any)."""
-        groups = [(self.cfg.global_size, [0, 1])]
-        if self.cfg.n_local:
-            groups.append((self.cfg.local_size, list(range(2, self.n_crops))))
-        return groups
-
     # ---------------------------------------------------------------- randomness
     def sample_params(self, batch_size: int, seed: int, image_size: tuple[int, int] | None = None) -> dict:
-        """All random decisions for a batch, per image and crop, from a CPU generator seeded with ``seed``.
+        """All random decisions for a batch, from a CPU generator seeded with ``seed``.
 
-        Crops are in output order (global1, global2, local1..localN); every tensor has leading
-        dims ``(batch_size, n_crops)``:
+        Crops are in output order (global1, global2, local1..localN). Per image and crop, with
+        leading dims ``(batch_size, n_crops)``:
 
         * ``box`` (.., 4) float: (top, left, height, width) as fractions of the image height/width.
-          Sampled as torchvision's ``RandomResizedCrop``: area fraction ~ U(scale), aspect ratio
-          (width/height in pixels) log-uniform in ``ratio``, first of 10 tries that fits, else the
-          center crop of the closest allowed ratio; position uniform. Boxes are continuous (no
-          rounding to pixels); only the aspect ratio ``image_size`` = (H, W) matters (default square).
-        * ``flip`` bool; ``jitter`` bool (apply colour jitter); ``jitter_factors`` (.., 4) float
-          (brightness, contrast, saturation, hue); ``jitter_order`` (.., 4) long, a permutation of
-          0..3 per image (torchvision ColorJitter's random order); ``grayscale`` bool;
-          ``blur`` bool; ``blur_sigma`` float; ``solarize`` bool.
+          As torchvision's ``RandomResizedCrop``: area fraction ~ U(scale), aspect ratio (width /
+          height in pixels) log-uniform in ``ratio``, the first of 10 tries that fits, else the
+          centre crop of the closest allowed ratio; position uniform. Boxes are continuous (not
+          rounded to pixels), so only the aspect of ``image_size`` = (H, W) matters (default square).
+        * ``flip``, ``jitter`` (apply colour jitter), ``grayscale``, ``blur``, ``solarize``: bool.
+        * ``jitter_factors`` (.., 4) float: brightness, contrast, saturation, hue factors.
+        * ``blur_sigma`` float, in output pixels.
+
+        Per crop group, shape ``(n_crops, 4)``: ``jitter_order``, the order of the four jitter ops
+        (0 brightness, 1 contrast, 2 saturation, 3 hue), shared by the batch.
         """
         cfg = self.cfg
-        gen = torch.Generator().manual_seed(int(seed))
         b, n, t = int(batch_size), self.n_crops, self.N_TRIES
         if b < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        gen = torch.Generator().manual_seed(int(seed))
         height, width = image_size or (1, 1)
         aspect = width / height
 
@@ -377,19 +420,19 @@ class MultiCrop:
         def per_crop(g1, g2, local):
             return torch.tensor([g1, g2] + [local] * cfg.n_local, dtype=torch.float64)
 
-        # --- random resized crop, the 10 tries vectorised over a trailing dim
+        # --- random resized crop, torchvision's 10 tries vectorised over a trailing dim
         lo = per_crop(cfg.global_scale[0], cfg.global_scale[0], cfg.local_scale[0])[:, None]
         hi = per_crop(cfg.global_scale[1], cfg.global_scale[1], cfg.local_scale[1])[:, None]
         area = lo + (hi - lo) * rand(b, n, t)
-        log_r = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
-        ratio = torch.exp(log_r[0] + (log_r[1] - log_r[0]) * rand(b, n, t))
+        log_lo, log_hi = math.log(cfg.ratio[0]), math.log(cfg.ratio[1])
+        ratio = torch.exp(log_lo + (log_hi - log_lo) * rand(b, n, t))
         w = torch.sqrt(area * ratio / aspect)  # fraction of the width
         h = torch.sqrt(area / ratio * aspect)  # fraction of the height
         fits = (w <= 1) & (h <= 1)
         first = fits.to(torch.uint8).argmax(-1, keepdim=True)  # first try that fits
         w, h = w.gather(-1, first)[..., 0], h.gather(-1, first)[..., 0]
         found = fits.any(-1)
-        # fallback as torchvision: whole image, cut to the nearest allowed aspect ratio, centred
+        # fallback as torchvision: the whole image cut to the nearest allowed ratio, centred
         if aspect < min(cfg.ratio):
             fw, fh = 1.0, aspect / min(cfg.ratio)
         elif aspect > max(cfg.ratio):
@@ -409,7 +452,7 @@ class MultiCrop:
         f_lo = torch.tensor([max(0.0, 1 - bj), max(0.0, 1 - cj), max(0.0, 1 - sj), -hj], dtype=torch.float64)
         f_hi = torch.tensor([1 + bj, 1 + cj, 1 + sj, hj], dtype=torch.float64)
         factors = (f_lo + (f_hi - f_lo) * rand(b, n, 4)).float()
-        order = rand(b, n, 4).argsort(-1)
+        order = rand(n, 4).argsort(-1)
         gray = rand(b, n) < cfg.grayscale_p
         blur = rand(b, n) < per_crop(*cfg.blur_p)
         s_lo, s_hi = cfg.blur_sigma
@@ -423,90 +466,126 @@ class MultiCrop:
     def __call__(self, images: torch.Tensor, seed: int) -> list[torch.Tensor]:
         """uint8 (B, C, H, W) on any device -> [global1, global2, local1..localN], each float32
         (B, 3, S, S) normalised with mean/std, on the same device. Same seed -> identical output."""
-        self._check(images)
+        _check(images)
         params = self.sample_params(images.shape[0], seed, image_size=tuple(images.shape[-2:]))
         return self.apply(images, params)
-
-    @staticmethod
-    def _check(images: torch.Tensor) -> None:
-        if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
-            shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
-            raise ValueError(f"expected images of shape (B, C, H, W) with C in (1, 3), got {shape}")
-        if images.shape[0] < 1:
-            raise ValueError("expected a batch of at least one image")
 
     def apply(self, images: torch.Tensor, params: dict) -> list[torch.Tensor]:
         """Run the augmentation with given ``params`` (from :meth:`sample_params`).
 
         ``images``: uint8 (B, C, H, W), or float in [0, 1]; C in (1, 3), 1 is made RGB.
+        The returned crops are views into one buffer ``(B, 3, P)`` that holds every crop of an
+        image side by side (batch stride ``3 * P``, inner dims contiguous): one allocation per
+        call and no copy; call ``.contiguous()`` on a crop where a dense tensor is needed.
         """
-        self._check(images)
-        cfg, dev = self.cfg, images.device
-        b, c = images.shape[:2]
-        x = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
+        _check(images)
+        cfg, dev, ws = self.cfg, images.device, self._ws
+        b, c, hgt, wid = images.shape
+        # Input as float with a 2-pixel replicated border. Bicubic taps reach at most 2 pixels
+        # outside a box that lies in the image, so grid_sample's cheaper "zeros" padding then
+        # gives exactly "border" padding (~13% faster).
+        x = ws.get("input", (b, c, hgt + 2 * _PAD, wid + 2 * _PAD), dev)
+        inner = x[:, :, _PAD:-_PAD, _PAD:-_PAD]
+        if images.dtype == torch.uint8:
+            torch.div(images, 255.0, out=inner)
+        else:
+            inner.copy_(images)
+        for dim in (2, 3):  # rows, then columns (full height: fills the corners)
+            n = x.shape[dim]
+            for edge, src in ((0, _PAD), (n - _PAD, n - _PAD - 1)):
+                band = x.narrow(dim, edge, _PAD)
+                band.copy_(x.narrow(dim, src, 1).expand_as(band))
+        fit = (wid / (wid + 2 * _PAD), hgt / (hgt + 2 * _PAD))
 
-        # --- every crop of every image with one grid_sample: grids laid end to end per image
-        groups = self._groups()
-        sizes = [len(cols) * s * s for s, cols in groups]
-        grid = torch.empty(b, sum(sizes), 2, device=dev)
+        # --- every crop of every image with one grid_sample: the grids laid end to end per image
+        sizes = [self.cfg.global_size] * 2 + [self.cfg.local_size] * self.cfg.n_local
+        numels = [s * s for s in sizes]
+        grid = ws.get("grid", (b, sum(numels), 2), dev)
         box = params["box"].to(dev, torch.float32, non_blocking=True)
         flip = params["flip"].to(dev, non_blocking=True)
-        for (s, cols), part in zip(groups, grid.split(sizes, 1)):
-            g = crop_grid(box[:, cols].reshape(-1, 4), flip[:, cols].reshape(-1), s)
-            part.view(b, len(cols), s, s, 2).copy_(g.view(b, len(cols), s, s, 2))
-        sampled = F.grid_sample(x, grid.unsqueeze(1), mode="bicubic", padding_mode="border",
-                                align_corners=False)[:, :, 0]  # (B, C, P)
-        del grid, x
+        first = offset = 0
+        for size, n in _runs(sizes):  # one crop_grid per run of equal sizes
+            part = grid[:, offset:offset + n * size * size].view(b, n, size, size, 2)
+            crop_grid(box[:, first:first + n], flip[:, first:first + n], size, out=part, fit=fit)
+            first, offset = first + n, offset + n * size * size
+        out = F.grid_sample(x, grid.unsqueeze(1), mode="bicubic", padding_mode="zeros",
+                            align_corners=False)[:, :, 0]  # (B, C, P)
+        if c == 1:  # grayscale input -> RGB
+            out = out.expand(b, 3, out.shape[-1]).contiguous()
+        out.clamp_(0, 1)  # bicubic overshoots
 
-        mean = torch.tensor(cfg.mean, device=dev).view(3, 1, 1)
-        std = torch.tensor(cfg.std, device=dev).view(3, 1, 1)
-        outs: list[torch.Tensor] = []
-        for (s, cols), part in zip(groups, sampled.split(sizes, 2)):
-            n = len(cols)
-            # (B, C, n, S*S) -> contiguous (B*n, 3, S*S): the clamp of the bicubic overshoot writes
-            # the new layout and turns a grayscale input into RGB in the same pass.
-            view = part.view(b, c, n, s * s).transpose(1, 2).expand(b, n, 3, s * s)
-            crops = torch.empty(b * n, 3, s * s, device=dev)
-            torch.clamp(view, 0, 1, out=crops.view(b, n, 3, s * s))
-            plan = _to_device(self._plan(params, cols), dev)
-            crops = self._color_and_blur(crops, plan, s)
-            # normalise straight into the (n, B, 3, S, S) output: one contiguous tensor per crop
-            out = torch.empty(n, b, 3, s, s, device=dev)
-            torch.addcmul(-mean / std, crops.view(b, n, 3, s, s).transpose(0, 1), 1 / std, out=out)
-            outs.extend(out.unbind(0))
-        return outs
+        crops = [v.view(b, 3, s, s) for v, s in zip(out.split(numels, 2), sizes)]
+        for j, crop in enumerate(crops):
+            plan = _to_device(self._plan(params, j), dev)
+            self._augment_(crop.view(b, 3, -1), plan, sizes[j])
+        shift = (-torch.tensor(cfg.mean) / torch.tensor(cfg.std)).to(dev).view(3, 1)
+        scale = (1 / torch.tensor(cfg.std)).to(dev).view(3, 1)
+        out.mul_(scale).add_(shift)  # normalise all crops at once
+        return crops
 
-    def _plan(self, params: dict, cols: list[int]) -> dict:
-        """CPU-side plan for one size group: flattened (image-major) per-crop decisions -> indices."""
-        def flat(key):
-            v = params[key][:, cols]
-            return v.reshape(-1, *v.shape[2:])
+    def _plan(self, params: dict, j: int) -> dict:
+        """CPU-side plan for crop group ``j``: per-image factors and the image indices per op."""
+        jit = params["jitter"][:, j]
+        # identity factors for images that skip the jitter: exact no-ops
+        ident = torch.tensor([1.0, 1.0, 1.0, 0.0])
+        factors = torch.where(jit[:, None], params["jitter_factors"][:, j].float(), ident)
+        blur = params["blur"][:, j]
+        sigma = params["blur_sigma"][:, j][blur].float()
+        return {"factors": factors, "order": params["jitter_order"][j].tolist(), "hue_idx": _idx(jit),
+                "gray_idx": _idx(params["grayscale"][:, j]), "blur_idx": _idx(blur), "blur_sigma": sigma,
+                "blur_radius": math.ceil(3 * float(sigma.max())) if sigma.numel() else 0,
+                "sol_idx": _idx(params["solarize"][:, j])}
 
-        plan = _jitter_plan(flat("jitter_factors").float(), flat("jitter_order"), flat("jitter"))
-        blur = flat("blur")
-        plan["gray_idx"] = _idx(flat("grayscale"))
-        plan["blur_idx"] = _idx(blur)
-        sigma = flat("blur_sigma")[blur].float()
-        plan["blur_sigma"] = sigma
-        plan["blur_radius"] = math.ceil(3 * float(sigma.max())) if sigma.numel() else 0
-        plan["sol_idx"] = _idx(flat("solarize"))
-        return plan
+    def _augment_(self, x: torch.Tensor, plan: dict, s: int) -> None:
+        """Jitter -> grayscale -> blur -> solarize, in place on one crop group ``x`` (B, 3, S*S)."""
+        ws = self._ws
+        f = plan["factors"]
+        for op in plan["order"]:
+            if op == BRIGHTNESS:
+                _brightness_(x, f[:, BRIGHTNESS])
+            elif op == CONTRAST:
+                _contrast_(x, f[:, CONTRAST])
+            elif op == SATURATION:
+                _saturation_(x, f[:, SATURATION], ws)
+            else:
+                self._subset_(x, plan["hue_idx"], lambda sub, idx: _hue_(sub, f[idx, HUE], ws))
+        self._subset_(x, plan["gray_idx"], self._gray)
+        if plan["blur_radius"] > 0:
+            sigma, radius = plan["blur_sigma"], plan["blur_radius"]
+            self._subset_(x, plan["blur_idx"], lambda sub, idx: gaussian_blur(
+                sub.view(-1, 3, s, s), sigma, radius, ws).view(sub.shape))
+        self._subset_(x, plan["sol_idx"], lambda sub, idx: solarize(sub))
 
-    @staticmethod
-    def _color_and_blur(x: torch.Tensor, plan: dict, s: int) -> torch.Tensor:
-        """Jitter -> grayscale -> blur -> solarize on (M, 3, S*S), each on its own subset."""
-        x = _run_jitter(x, plan)
-        if plan["gray_idx"].numel():
-            sub = x.index_select(0, plan["gray_idx"])
-            x.index_copy_(0, plan["gray_idx"], _gray(sub).expand_as(sub))
-        if plan["blur_idx"].numel() and plan["blur_radius"] > 0:
-            sub = x.index_select(0, plan["blur_idx"]).view(-1, 3, s, s)
-            blurred = gaussian_blur(sub, plan["blur_sigma"], plan["blur_radius"])
-            x.index_copy_(0, plan["blur_idx"], blurred.view(-1, 3, s * s))
-        if plan["sol_idx"].numel():
-            sub = x.index_select(0, plan["sol_idx"])
-            x.index_copy_(0, plan["sol_idx"], solarize(sub))
-        return x
+    def _gray(self, sub: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+        gray = _gray_into(sub, _scratch(self._ws, "gray", (sub.shape[0], sub.shape[2]), sub))
+        return gray.unsqueeze(1).expand_as(sub)
+
+    def _subset_(self, x: torch.Tensor, idx: torch.Tensor, fn) -> None:
+        """Run ``fn(sub, idx)`` on the images ``idx`` of ``x`` and write the result back.
+
+        ``fn`` either returns the new images or ``None`` after changing ``sub`` in place. When
+        ``idx`` covers all of ``x`` (it is sorted and unique, so it is then arange) ``sub`` is
+        ``x`` itself: no gather.
+        """
+        k = idx.numel()
+        if k == 0:
+            return
+        full = k == x.shape[0]
+        sub = x if full else torch.index_select(x, 0, idx, out=self._ws.get("subset", (k, *x.shape[1:]), x.device))
+        res = fn(sub, idx)
+        if full:
+            if res is not None:
+                x.copy_(res)
+        else:
+            x.index_copy_(0, idx, sub if res is None else res)
 
     def __repr__(self) -> str:
         return f"MultiCrop({self.cfg})"
+
+
+def _check(images: torch.Tensor) -> None:
+    if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"expected images of shape (B, C, H, W) with C in (1, 3), got {shape}")
+    if images.shape[0] < 1:
+        raise ValueError("expected a batch of at least one image")

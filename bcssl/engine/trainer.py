@@ -185,7 +185,7 @@ def train(cfg: DictConfig, *, knn_eval=None) -> TrainResult:
                 nonfinite_streak += 1
                 nonfinite_total += 1
                 optimizer.zero_grad(set_to_none=True)
-                metrics.write("nonfinite", step, epoch=epoch, loss=float(loss))
+                metrics.write("nonfinite", step, epoch=epoch, loss=loss.item())
                 if nonfinite_streak >= cfg.train.max_nonfinite_steps:
                     save_checkpoint(step + 1)
                     raise TrainingError(
@@ -213,7 +213,7 @@ def train(cfg: DictConfig, *, knn_eval=None) -> TrainResult:
                 dt = time.perf_counter() - t_log
                 values = {"loss": loss.item(), "lr": lr, "wd": wd, "imgs_per_s": n_log / max(dt, 1e-9),
                           **{k: float(v) for k, v in logs.items()}}
-                metrics.write("train", step, epoch=epoch + step % steps_per_epoch / steps_per_epoch, **values)
+                metrics.write("train", step, epoch=step / steps_per_epoch, **values)
                 bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{values['imgs_per_s']:.0f}",
                                 refresh=False)
                 t_log, n_log = time.perf_counter(), 0

@@ -1,0 +1,145 @@
+"""DINO training images/s, three ways, in one process (machines here are noisy: read the ratios).
+
+  (a) bcssl end to end: uint8 batches -> batched multi-crop on the device -> DINO step
+  (b) the model alone on pre-made crops (the compute ceiling of (a))
+  (c) the usual reference pipeline: per-image torchvision/PIL multi-crop (DINO's
+      DataAugmentationDINO) in DataLoader workers -> the same DINO step, same crops and batch
+
+Goals (issue 3): (a) >= 90% of (b) and (a) >= 1.2x (c) on CPU.
+
+    python benchmarks/train_throughput.py                     # demo_fmnist model and crops
+    python benchmarks/train_throughput.py --steps 20 --workers 2 --amp bf16
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pil_multicrop import DataAugmentationDINO  # noqa: E402
+
+from bcssl.config import load_config  # noqa: E402
+from bcssl.data import BatchLoader, build_dataset  # noqa: E402
+from bcssl.engine.trainer import build_method, multicrop_from_config, param_groups, step_seed  # noqa: E402
+
+
+class PILDataset(torch.utils.data.Dataset):
+    """The reference: one PIL image at a time through DataAugmentationDINO."""
+
+    def __init__(self, images: torch.Tensor, aug: DataAugmentationDINO):
+        from PIL import Image
+
+        self.pil = [Image.fromarray(img.permute(1, 2, 0).squeeze(-1).numpy()).convert("RGB") for img in images]
+        self.aug = aug
+
+    def __len__(self):
+        return len(self.pil)
+
+    def __getitem__(self, i):
+        return self.aug(self.pil[i])
+
+
+def make_step(method, cfg, memory_format, autocast):
+    opt = torch.optim.AdamW(param_groups(method.student), lr=1e-4)
+
+    def step(crops, i):
+        crops = [c.contiguous(memory_format=memory_format) for c in crops]
+        with autocast:
+            loss, _ = method.loss(crops, i)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        method.after_step(i)
+    return step
+
+
+def timed(fn, batches, warmup: int, steps: int, batch_size: int) -> float:
+    it = iter(batches)
+    for i in range(warmup):
+        fn(next(it), i)
+    t = time.perf_counter()
+    for i in range(steps):
+        fn(next(it), warmup + i)
+    return steps * batch_size / (time.perf_counter() - t)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="demo_fmnist")
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=None, help="default: the preset's train.batch_size")
+    ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the PIL reference")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"])
+    ap.add_argument("--channels-last", default=None, choices=["true", "false"])
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("overrides", nargs="*")
+    args = ap.parse_args()
+    over = list(args.overrides)
+    if args.batch:
+        over.append(f"train.batch_size={args.batch}")
+    if args.amp:
+        over.append(f"train.amp={args.amp}")
+    if args.channels_last:
+        over.append(f"train.channels_last={args.channels_last}")
+    cfg = load_config(args.config, over)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    B, n = cfg.train.batch_size, args.warmup + args.steps
+    mf = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16)
+                if cfg.train.amp != "none" else torch.autocast(device.type, enabled=False))
+
+    data = build_dataset(cfg.data.name, root=cfg.data.root, split=cfg.data.split, load_size=cfg.data.load_size)
+    loader = BatchLoader(data, B, seed=0, limit=B * n, workers=cfg.data.workers)
+    multicrop = multicrop_from_config(cfg.crops)
+
+    def fresh_method():
+        torch.manual_seed(0)
+        return build_method(cfg).to(device=device, memory_format=mf).train()
+
+    # (a) end to end
+    step_a = make_step(fresh_method(), cfg, mf, autocast)
+    a = timed(lambda batch, i: step_a(multicrop(batch[0].to(device), step_seed(0, i)), i),
+              loader.epoch(0), args.warmup, args.steps, B)
+    # (b) model alone: the same crops, made before the clock starts
+    pre = [multicrop(batch[0].to(device), step_seed(0, i)) for i, batch in enumerate(loader.epoch(0))]
+    step_b = make_step(fresh_method(), cfg, mf, autocast)
+    b = timed(step_b, pre, args.warmup, args.steps, B)
+    del pre
+    # (c) reference: PIL multi-crop per image in DataLoader workers
+    images = torch.cat([x for x, _ in loader.epoch(0)])
+    ref = torch.utils.data.DataLoader(PILDataset(images, DataAugmentationDINO(multicrop.cfg)), batch_size=B,
+                                      num_workers=args.workers, drop_last=True, persistent_workers=False,
+                                      pin_memory=device.type == "cuda")
+    step_c = make_step(fresh_method(), cfg, mf, autocast)
+    c = timed(lambda crops, i: step_c([x.to(device, non_blocking=True) for x in crops], i),
+              ref, args.warmup, args.steps, B)
+
+    result = {"device": str(device), "threads": torch.get_num_threads(), "batch": B, "amp": cfg.train.amp,
+              "channels_last": cfg.train.channels_last, "model": cfg.model.name,
+              "crops": f"2x{cfg.crops.global_size} + {cfg.crops.n_local}x{cfg.crops.local_size}",
+              "bcssl_end_to_end_img_s": round(a, 1), "model_only_img_s": round(b, 1),
+              "pil_reference_img_s": round(c, 1), "end_to_end_over_model_only": round(a / b, 3),
+              "end_to_end_over_pil_reference": round(a / c, 3)}
+    print(f"device {device}, {torch.get_num_threads()} threads, batch {B}, crops {result['crops']}, "
+          f"amp {cfg.train.amp}, channels_last {cfg.train.channels_last}")
+    print(f"(a) bcssl end to end      {a:8.1f} img/s")
+    print(f"(b) model on ready crops  {b:8.1f} img/s")
+    print(f"(c) PIL reference ({args.workers} wk) {c:8.1f} img/s")
+    print(f"(a)/(b) = {a / b:.3f}  (goal >= 0.90)    (a)/(c) = {a / c:.3f}  (goal >= 1.2)")
+    if args.json:
+        print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The command line: clear errors, --json, pretrain -> eval knn, demo report."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from bcssl.cli import main
+from tests.conftest import TINY_CROPS, TINY_HEAD, TINY_MODEL
+
+FAST = ["train.epochs=1", "train.batch_size=16", "train.progress=false", "log.tensorboard=false",
+        "data.workers=0", "threads=1", "eval.batch_size=64", *TINY_MODEL, *TINY_HEAD, *TINY_CROPS]
+
+
+def last_json(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_unknown_key_exits_nonzero_naming_closest(capsys):
+    assert main(["pretrain", "--config", "demo_fmnist", "train.epoch=1"]) != 0
+    err = capsys.readouterr().err
+    assert "train.epochs" in err and "Traceback" not in err
+
+
+def test_missing_dataset_says_how_to_get_it(tmp_path, capsys):
+    assert main(["pretrain", "--config", "demo_fmnist", f"data.root={tmp_path}/nothing",
+                 f"run.dir={tmp_path}"]) != 0
+    assert "apt-get install dataset-fashion-mnist" in capsys.readouterr().err
+
+
+def test_pretrain_then_eval_knn_json(tmp_path, tiny_fmnist, capsys):
+    run = ["--config", "demo_fmnist", f"data.root={tiny_fmnist}", f"run.dir={tmp_path}", "run.name=cli", *FAST]
+    assert main(["pretrain", *run, "--json"]) == 0
+    out = last_json(capsys.readouterr().out)
+    assert {"run_dir", "epochs", "images_seen", "train_s", "imgs_per_s", "knn_top1"} <= out.keys()
+    assert 0 <= out["knn_top1"] <= 100 and out["images_seen"] == 64
+    knn_records = [json.loads(x) for x in open(f"{tmp_path}/cli/metrics.jsonl") if '"knn"' in x]
+    assert knn_records and knn_records[-1]["top1"] == out["knn_top1"]  # the k-NN monitor (knn_every=1)
+    assert main(["eval", "knn", f"{tmp_path}/cli", "--json"]) == 0
+    ev = last_json(capsys.readouterr().out)
+    assert ev["knn_top1"] == pytest.approx(out["knn_top1"])  # same weights, same protocol
+    assert json.load(open(f"{tmp_path}/cli/knn.json"))["knn_top1"] == ev["knn_top1"]
+
+
+def test_eval_knn_on_non_run_is_clear(tmp_path, capsys):
+    assert main(["eval", "knn", str(tmp_path)]) != 0
+    assert "not a bcssl run directory" in capsys.readouterr().err
+
+
+def test_demo_writes_report_with_baselines(tmp_path, tiny_fmnist, capsys):
+    assert main(["demo", f"data.root={tiny_fmnist}", f"run.dir={tmp_path}", *FAST, "--json"]) == 0
+    s = last_json(capsys.readouterr().out)
+    for key in ("knn_top1", "baseline_pixels_knn_top1", "baseline_random_knn_top1", "wall_s"):
+        assert 0 <= s[key] <= (100 if "knn" in key else 1e6), key
+    report = (tmp_path / "demo" / "report.md").read_text()
+    assert "raw pixels" in report and "random initialisation" in report
+    assert f"{s['knn_top1']:.2f}" in report
+
+
+def test_presets_and_module_entry_point(capsys):
+    assert main(["presets", "--json"]) == 0
+    assert "demo_fmnist" in last_json(capsys.readouterr().out)["presets"]
+    out = subprocess.run([sys.executable, "-m", "bcssl", "--help"], capture_output=True, text=True)
+    assert out.returncode == 0 and "pretrain" in out.stdout
