@@ -2,8 +2,11 @@
 
 Both make the same crops (default 2 x 224 + 8 x 96 from 256 x 256 uint8 images) in this process,
 timed in alternation so that load from other processes hits both alike. The PIL reference is
-per image, single-threaded as in one DataLoader worker, and includes the collate (stacking the
-per-image crops into batches); the batched path starts from the uint8 batch on ``--device``.
+per image, as in one DataLoader worker (PIL itself is single-threaded), and includes the collate
+(stacking the per-image crops into batches); the batched path starts from the uint8 batch on
+``--device``. ``--threads`` sets torch's intra-op threads (once: switching the count between
+runs is slow); ``--threads 1`` compares the two per CPU core. On a machine loaded by other
+processes, more threads than free cores make PyTorch's CPU ops collapse (spinning workers).
 
     python benchmarks/augment_throughput.py --batch 64 --iters 3 --threads 1
 

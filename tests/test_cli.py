@@ -62,3 +62,19 @@ def test_presets_and_module_entry_point(capsys):
     assert "demo_fmnist" in last_json(capsys.readouterr().out)["presets"]
     out = subprocess.run([sys.executable, "-m", "bcssl", "--help"], capture_output=True, text=True)
     assert out.returncode == 0 and "pretrain" in out.stdout
+
+
+def test_eval_linear_then_robustness(tmp_path, tiny_fmnist, capsys):
+    run = ["--config", "demo_fmnist", f"data.root={tiny_fmnist}", f"run.dir={tmp_path}", "run.name=ev", *FAST,
+           "eval.final_knn=false", "eval.knn_every=0"]
+    assert main(["pretrain", *run]) == 0
+    assert main(["eval", "robustness", f"{tmp_path}/ev"]) != 0  # no linear probe yet: a clear error
+    assert "bcssl eval linear" in capsys.readouterr().err
+    assert main(["eval", "linear", f"{tmp_path}/ev", "linear.epochs=3", "--json"]) == 0
+    lin = last_json(capsys.readouterr().out)
+    assert 0 <= lin["linear_top1"] <= 100 and (tmp_path / "ev" / "linear.safetensors").exists()
+    assert main(["eval", "robustness", f"{tmp_path}/ev", "--corruptions", "gaussian_noise,contrast",
+                 "--severities", "1,5", "--limit", "8", "--json"]) == 0
+    rob = last_json(capsys.readouterr().out)
+    assert set(rob["errors"]) == {"gaussian_noise", "contrast"} and len(rob["errors"]["contrast"]) == 2
+    assert json.load(open(tmp_path / "ev" / "robustness.json"))["fashion_mnist_c"]["n_images"] == 8

@@ -104,6 +104,23 @@ class EvalConfig:
 
 
 @dataclass
+class LinearConfig:
+    """Linear probe (PAPER.md section 4; DINO's eval_linear): frozen eval-mode backbone, one
+    ``nn.Linear`` on the pooled features, SGD, cosine lr to 0 over the epochs (stepped per epoch)."""
+    epochs: int = 100
+    lr: float = 0.001  # at a batch of 256: lr = lr * batch_size / 256 (DINO's eval_linear)
+    batch_size: int = 256
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    augment: bool = False  # False: train on cached eval features; True: random resized crop + flip
+    crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # augment: crop area range
+    normalize_features: bool = False  # standardise with train mean/std (folded into the saved layer)
+    train_limit: Optional[int] = None  # use only the first N training / evaluation images
+    test_limit: Optional[int] = None
+    cache: bool = True  # cache eval features under <run_dir>/cache (keyed by checkpoint bytes)
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = True
 
@@ -120,4 +137,5 @@ class Config:
     crops: CropsConfig = field(default_factory=CropsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    linear: LinearConfig = field(default_factory=LinearConfig)
     log: LogConfig = field(default_factory=LogConfig)

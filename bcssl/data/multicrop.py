@@ -10,7 +10,8 @@ How it is batched:
 
 * Every random decision is drawn by :meth:`MultiCrop.sample_params` from a CPU
   ``torch.Generator`` seeded with ``seed`` (small tensors), so the output depends only on
-  ``(images, seed)``: not on the device, the global RNG or the thread count.
+  ``(images, seed)``: not on the global RNG or the thread count, nor (up to float rounding)
+  on the device.
 * All crops of all images come from ONE ``F.grid_sample`` call (bicubic, align_corners=False,
   border padding): each crop is an axis-aligned affine box (flip folded in as a negative x scale)
   and the grids of all crops of an image are laid end to end in one ``(B, 1, P, 2)`` grid. The
@@ -23,11 +24,13 @@ How it is batched:
 * Hue, grayscale, blur and solarize only touch the images drawn for them (``index_select`` /
   ``index_copy_`` with indices computed on the CPU, so nothing waits on the device).
 * Blur: separable Gaussian with per-image sigma via two grouped (depthwise) convolutions over the
-  whole subset, radius ``ceil(3 * max sigma)`` of the subset, reflect padding (as torchvision).
-* CPU scratch tensors are kept between calls (fresh CPU memory costs page faults worth ~10
-  elementwise passes), so an instance must not be used by two threads at once.
-* On the CPU most time goes to the bicubic ``grid_sample`` (~half) and the blur convolutions;
-  ``benchmarks/augment_throughput.py`` compares it with DINO's per-image PIL pipeline.
+  subset, radius ``ceil(3 * max sigma)`` over the crop group (at most S - 1), reflect padding
+  (as torchvision).
+* CPU only: scratch tensors are kept between calls (fresh CPU memory costs page faults worth
+  ~10 elementwise passes), so an instance must not be used by two threads at once; and each
+  crop group is processed a few images at a time so that its ~40 elementwise passes run in
+  cache. Neither changes the results. On the CPU about half the time is the bicubic
+  ``grid_sample``; ``benchmarks/augment_throughput.py`` compares with DINO's PIL pipeline.
 
 Known differences from DINO's PIL pipeline (all in the direction of torchvision's tensor ops):
 crop boxes are continuous (sub-pixel) instead of rounded to whole pixels; bicubic uses
@@ -189,7 +192,8 @@ def _col(v, x: torch.Tensor) -> torch.Tensor:
 def _gray_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Luma of ``x`` (N, 3, P) into ``out`` (N, P), in torchvision's order (bit-identical)."""
     r, g, b = x.unbind(1)
-    return torch.mul(r, GRAY_WEIGHTS[0], out=out).add_(g, alpha=GRAY_WEIGHTS[1]).add_(b, alpha=GRAY_WEIGHTS[2])
+    out = torch.mul(r, GRAY_WEIGHTS[0], out=out)
+    return out.add_(g, alpha=GRAY_WEIGHTS[1]).add_(b, alpha=GRAY_WEIGHTS[2])
 
 
 def _gray_mean(x: torch.Tensor) -> torch.Tensor:
@@ -241,7 +245,8 @@ def _hue_(x: torch.Tensor, shift: torch.Tensor, ws: _Workspace | None = None) ->
     torch.sub(h6, 3.0, out=r).abs_()
     torch.minimum(torch.add(h6, 1.0, out=g).abs_(), torch.sub(h6, 5.0, out=t[2]).abs_(), out=g)
     torch.minimum(torch.sub(h6, 1.0, out=b).abs_(), torch.sub(h6, 7.0, out=t[2]).abs_(), out=b)
-    x.sub_(1.0).clamp_(0.0, 1.0).mul_(chroma.unsqueeze(1)).add_(minc.unsqueeze(1))
+    # min + C * clamp(v - 1, 0, 1) == (min - C) + C * clamp(v, 1, 2): one pass less
+    x.clamp_(1.0, 2.0).mul_(chroma.unsqueeze(1)).add_(minc.sub_(chroma).unsqueeze(1))
 
 
 def _flat(x: torch.Tensor) -> torch.Tensor:
@@ -301,7 +306,8 @@ def _reflect_pad_into(x: torch.Tensor, out: torch.Tensor, r: int, dim: int) -> t
     return out
 
 
-def gaussian_blur(x: torch.Tensor, sigma, radius: int | None = None, ws: _Workspace | None = None) -> torch.Tensor:
+def gaussian_blur(x: torch.Tensor, sigma, radius: int | None = None,
+                  ws: _Workspace | None = None) -> torch.Tensor:
     """Per-image Gaussian blur of ``x`` (N, C, H, W) with ``sigma`` (N,) in pixels; returns a new tensor.
 
     Separable kernels ``exp(-t^2 / 2 sigma^2)``, ``t = -radius..radius`` (radius defaults to
@@ -316,9 +322,21 @@ def gaussian_blur(x: torch.Tensor, sigma, radius: int | None = None, ws: _Worksp
     r = min(int(radius), h - 1, w - 1)  # reflect padding needs pad < size
     if r <= 0 or n == 0:
         return x.clone()
-    t = torch.arange(-r, r + 1, dtype=x.dtype, device=x.device)
+    return _blur(x, _gaussian_kernels(sigma, r), ws)
+
+
+def _gaussian_kernels(sigma: torch.Tensor, r: int) -> torch.Tensor:
+    """Normalised 1-D Gaussian kernels (N, 2r+1), one per sigma (torchvision's formula)."""
+    t = torch.arange(-r, r + 1, dtype=sigma.dtype, device=sigma.device)
     kern = torch.exp(-0.5 * (t / sigma[:, None]) ** 2)
-    kern = (kern / kern.sum(1, keepdim=True)).repeat_interleave(c, 0)  # (N*C, 2r+1)
+    return kern / kern.sum(1, keepdim=True)
+
+
+def _blur(x: torch.Tensor, kern: torch.Tensor, ws: _Workspace | None = None) -> torch.Tensor:
+    """Separable blur of ``x`` (N, C, H, W) with per-image kernels ``kern`` (N, 2r+1), reflect padding."""
+    n, c, h, w = x.shape
+    r = kern.shape[1] // 2
+    kern = kern.repeat_interleave(c, 0)  # (N*C, 2r+1)
     # Each image is its own channel group, so it gets its own kernel; one axis at a time.
     planes = x.reshape(1, n * c, h, w)
     y = F.conv2d(_reflect_pad_into(planes, _scratch(ws, "pad_v", (1, n * c, h + 2 * r, w), x), r, 2),
@@ -358,6 +376,26 @@ def _idx(mask: torch.Tensor) -> torch.Tensor:
     return mask.reshape(-1).nonzero().flatten()
 
 
+def _chunk_plans(plan: dict, n: int, step: int):
+    """Split a crop group's plan (CPU tensors) into plans for images ``lo:lo+step``, renumbered from 0.
+
+    Yields ``(lo, hi, plan)``. The blur radius and kernels stay the group's: results do not
+    depend on the chunking.
+    """
+    if step >= n:
+        yield 0, n, plan
+        return
+    bounds = torch.arange(0, n + step, step).clamp_(max=n)
+    keys = ("hue_idx", "gray_idx", "blur_idx", "sol_idx")
+    pos = {k: torch.searchsorted(plan[k], bounds).tolist() for k in keys}  # indices are sorted
+    for i, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist())):
+        part = dict(plan, factors=plan["factors"][lo:hi])
+        for k in keys:
+            part[k] = plan[k][pos[k][i]:pos[k][i + 1]] - lo
+        part["blur_kern"] = plan["blur_kern"][pos["blur_idx"][i]:pos["blur_idx"][i + 1]]
+        yield lo, hi, part
+
+
 def _runs(sizes: list[int]) -> list[tuple[int, int]]:
     """Run-length encoding of crop sizes: [224, 224, 96, ...] -> [(224, 2), (96, N)]."""
     runs: list[tuple[int, int]] = []
@@ -378,6 +416,7 @@ class MultiCrop:
     """Batched DINO multi-crop: ``MultiCrop(cfg)(uint8 images, seed) -> [g1, g2, l1..lN]``."""
 
     N_TRIES = 10  # torchvision RandomResizedCrop's attempts before the center-crop fallback
+    CHUNK_PIXELS = 1 << 18  # CPU: images per chunk so that a chunk's crops (~3 MB) stay in cache
 
     def __init__(self, cfg: MultiCropConfig | None = None):
         self.cfg = cfg or MultiCropConfig()
@@ -512,34 +551,50 @@ class MultiCrop:
                             align_corners=False)[:, :, 0]  # (B, C, P)
         if c == 1:  # grayscale input -> RGB
             out = out.expand(b, 3, out.shape[-1]).contiguous()
-        out.clamp_(0, 1)  # bicubic overshoots
 
+        mean, std = torch.tensor(cfg.mean).view(3, 1), torch.tensor(cfg.std).view(3, 1)
+        norm = ((1 / std).to(dev), (-mean / std).to(dev))  # x * (1/std) + (-mean/std)
         crops = [v.view(b, 3, s, s) for v, s in zip(out.split(numels, 2), sizes)]
-        for j, crop in enumerate(crops):
-            plan = _to_device(self._plan(params, j), dev)
-            self._augment_(crop.view(b, 3, -1), plan, sizes[j])
-        shift = (-torch.tensor(cfg.mean) / torch.tensor(cfg.std)).to(dev).view(3, 1)
-        scale = (1 / torch.tensor(cfg.std)).to(dev).view(3, 1)
-        out.mul_(scale).add_(shift)  # normalise all crops at once
+        for j, (crop, s) in enumerate(zip(crops, sizes)):
+            plan = _to_device(self._plan(params, j, s), dev)
+            x = crop.view(b, 3, -1)
+            # On the CPU, a few images at a time: all ops on a chunk run while it is in cache
+            # (on a whole 64-image group, memory traffic makes blur and hue 2-5x slower).
+            step = b if dev.type != "cpu" else max(1, self.CHUNK_PIXELS // (s * s))
+            # But a blur convolution costs about the same for 1 to 5 images (oneDNN works in
+            # blocks of 16 channels): a sparse blur subset (global2, p=0.1) is blurred in one go.
+            blur_apart = step < b and 2 * plan["blur_idx"].numel() < b
+            for lo, hi, part in _chunk_plans(plan, b, step):
+                self._color_(x[lo:hi], part)
+                if not blur_apart:
+                    self._blur_(x[lo:hi], part, s)
+                    self._finish_(x[lo:hi], part, norm)
+            if blur_apart:
+                self._blur_(x, plan, s)
+                self._finish_(x, plan, norm)
         return crops
 
-    def _plan(self, params: dict, j: int) -> dict:
-        """CPU-side plan for crop group ``j``: per-image factors and the image indices per op."""
+    def _plan(self, params: dict, j: int, s: int) -> dict:
+        """CPU-side plan for crop group ``j`` (size ``s``): per-image factors, image indices per op,
+        and the blur kernels (radius ``ceil(3 * max sigma)`` of the group, at most ``s - 1``)."""
         jit = params["jitter"][:, j]
         # identity factors for images that skip the jitter: exact no-ops
         ident = torch.tensor([1.0, 1.0, 1.0, 0.0])
         factors = torch.where(jit[:, None], params["jitter_factors"][:, j].float(), ident)
         blur = params["blur"][:, j]
         sigma = params["blur_sigma"][:, j][blur].float()
+        radius = min(math.ceil(3 * float(sigma.max())), s - 1) if sigma.numel() else 0
         return {"factors": factors, "order": params["jitter_order"][j].tolist(), "hue_idx": _idx(jit),
-                "gray_idx": _idx(params["grayscale"][:, j]), "blur_idx": _idx(blur), "blur_sigma": sigma,
-                "blur_radius": math.ceil(3 * float(sigma.max())) if sigma.numel() else 0,
+                "gray_idx": _idx(params["grayscale"][:, j]), "blur_idx": _idx(blur),
+                "blur_kern": _gaussian_kernels(sigma, max(radius, 0)), "blur_radius": radius,
                 "sol_idx": _idx(params["solarize"][:, j])}
 
-    def _augment_(self, x: torch.Tensor, plan: dict, s: int) -> None:
-        """Jitter -> grayscale -> blur -> solarize, in place on one crop group ``x`` (B, 3, S*S)."""
+    # The three stages run in place on images ``x`` (B, 3, S*S) of one crop group.
+    def _color_(self, x: torch.Tensor, plan: dict) -> None:
+        """Clamp the bicubic overshoot -> colour jitter (the group's order) -> grayscale."""
         ws = self._ws
         f = plan["factors"]
+        x.clamp_(0, 1)  # bicubic overshoots
         for op in plan["order"]:
             if op == BRIGHTNESS:
                 _brightness_(x, f[:, BRIGHTNESS])
@@ -550,11 +605,17 @@ class MultiCrop:
             else:
                 self._subset_(x, plan["hue_idx"], lambda sub, idx: _hue_(sub, f[idx, HUE], ws))
         self._subset_(x, plan["gray_idx"], self._gray)
+
+    def _blur_(self, x: torch.Tensor, plan: dict, s: int) -> None:
         if plan["blur_radius"] > 0:
-            sigma, radius = plan["blur_sigma"], plan["blur_radius"]
-            self._subset_(x, plan["blur_idx"], lambda sub, idx: gaussian_blur(
-                sub.view(-1, 3, s, s), sigma, radius, ws).view(sub.shape))
+            kern, ws = plan["blur_kern"], self._ws
+            self._subset_(x, plan["blur_idx"],
+                          lambda sub, idx: _blur(sub.view(-1, 3, s, s), kern, ws).view(sub.shape))
+
+    def _finish_(self, x: torch.Tensor, plan: dict, norm: tuple) -> None:
+        """Solarize -> normalise."""
         self._subset_(x, plan["sol_idx"], lambda sub, idx: solarize(sub))
+        x.mul_(norm[0]).add_(norm[1])
 
     def _gray(self, sub: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
         gray = _gray_into(sub, _scratch(self._ws, "gray", (sub.shape[0], sub.shape[2]), sub))
@@ -571,7 +632,10 @@ class MultiCrop:
         if k == 0:
             return
         full = k == x.shape[0]
-        sub = x if full else torch.index_select(x, 0, idx, out=self._ws.get("subset", (k, *x.shape[1:]), x.device))
+        if full:
+            sub = x
+        else:
+            sub = torch.index_select(x, 0, idx, out=self._ws.get("subset", (k, *x.shape[1:]), x.device))
         res = fn(sub, idx)
         if full:
             if res is not None:

@@ -1,13 +1,24 @@
 """Feature extraction shared by every evaluator: eval-mode backbone, batched, with the standard
 evaluation preprocessing (DINO: resize 256 -> centre-crop 224; small images are resized up to
-the training crop size)."""
+the training crop size).
+
+Features are cached per run under ``<run_dir>/cache/`` keyed by the checkpoint's bytes, the
+images and the preprocessing (:func:`cached_features`); :func:`load_run` gives a run's eval
+backbone together with the digest of the checkpoint it was loaded from."""
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable
+import hashlib
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -60,3 +71,164 @@ def extract_features(backbone: nn.Module, batches: Iterable[tuple[torch.Tensor, 
     if not feats:
         raise ValueError("no images to extract features from")
     return torch.cat(feats), torch.cat(labels)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading a run's eval backbone, and caching its features per (checkpoint bytes, data, transform)
+# --------------------------------------------------------------------------------------------
+
+_HASH_CHUNK = 1 << 22
+
+
+def _sha256_of_open_file(f) -> str:
+    h = hashlib.sha256()
+    f.seek(0)
+    for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
+        h.update(chunk)
+    return h.hexdigest()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in chunks (checkpoints can be GBs)."""
+    with open(path, "rb") as f:
+        return _sha256_of_open_file(f)
+
+
+def _stat_key(st: os.stat_result) -> tuple:
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
+
+
+@dataclass
+class LoadedRun:
+    """A run's resolved config and eval backbone (CPU, eval mode) with the checkpoint it came from.
+
+    ``checkpoint_sha256`` is the digest of exactly the bytes the weights were loaded from, even
+    when a training process replaces the checkpoint meanwhile; pass it to :func:`cached_features`.
+    """
+    cfg: DictConfig
+    backbone: nn.Module
+    checkpoint_path: Path
+    checkpoint_sha256: str
+    step: int | None
+
+
+def _load_checkpoint_consistently(path: Path, retries: int = 5) -> tuple[dict, Path, str]:
+    """``(state, file loaded, sha256 of that file)``.
+
+    ``checkpoint.load`` falls back to ``<name>.prev.pt`` when the latest file is unreadable; the
+    file actually used is the one it warned about. The trainer replaces checkpoints atomically
+    (new inode), so the digest belongs to the loaded weights when the file's inode, size and
+    mtime are the same before loading and while hashing; otherwise a save raced us: retry.
+    """
+    from bcssl.engine import checkpoint as ckpt
+
+    prev = ckpt.prev_path(path)
+    for _ in range(retries):
+        before = {}
+        for p in (path, prev):
+            try:
+                before[p] = _stat_key(os.stat(p))
+            except FileNotFoundError:
+                pass
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            state = ckpt.load(path)
+        used = prev if any(str(prev) in str(w.message) for w in caught) else path
+        try:
+            with open(used, "rb") as f:
+                now = _stat_key(os.fstat(f.fileno()))
+                digest = _sha256_of_open_file(f)
+        except FileNotFoundError:
+            continue
+        if before.get(used) == now:
+            for w in caught:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+            return state, used, digest
+    raise RuntimeError(f"checkpoint {path} kept changing while it was loaded ({retries} tries); "
+                       "evaluate once the training process has written it")
+
+
+def load_run(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> LoadedRun:
+    """Config (+ dotlist ``overrides``) and latest checkpoint of a run -> its eval backbone.
+
+    Raises FileNotFoundError when ``run_dir`` is not a run directory or has no checkpoint.
+    """
+    from bcssl.config import load_config
+    from bcssl.engine import checkpoint as ckpt
+    from bcssl.engine.trainer import build_method
+
+    run = Path(run_dir)
+    if not (run / "config.yaml").is_file():
+        raise FileNotFoundError(f"{run} is not a bcssl run directory (no config.yaml); "
+                                "create one with `bcssl pretrain`")
+    cfg = load_config(str(run / "config.yaml"), list(overrides))
+    path = ckpt.latest(run)
+    if path is None:
+        raise FileNotFoundError(f"{run} has no checkpoint.pt to evaluate; train it first with `bcssl pretrain`")
+    state, used, digest = _load_checkpoint_consistently(path)
+    if "method" not in state:
+        raise FileNotFoundError(f"{used} is not a bcssl pre-training checkpoint (no 'method' state)")
+    method = build_method(cfg)
+    method.load_state_dict(state["method"])
+    backbone = method.eval_backbone().eval()
+    step = state.get("step")
+    return LoadedRun(cfg, backbone, used, digest, int(step) if step is not None else None)
+
+
+def load_run_backbone(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[DictConfig, nn.Module, Path]:
+    """``(cfg, eval backbone in eval mode on the CPU, checkpoint path)`` of a run (see :func:`load_run`)."""
+    r = load_run(run_dir, overrides)
+    return r.cfg, r.backbone, r.checkpoint_path
+
+
+def _short(*parts: str) -> str:
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def feature_cache_path(run_dir: str | os.PathLike, checkpoint_sha: str, dataset_key: str,
+                       transform_key: str) -> Path:
+    """``<run_dir>/cache/features-<data/transform hash>-<checkpoint+data+transform hash>.pt``: the
+    first part names the (dataset, transform) so a new checkpoint's file replaces the old one."""
+    return (Path(run_dir) / "cache" /
+            f"features-{_short(dataset_key, transform_key)}-{_short(checkpoint_sha, dataset_key, transform_key)}.pt")
+
+
+def cached_features(run_dir: str | os.PathLike, checkpoint_path: str | os.PathLike, backbone: nn.Module,
+                    dataset_key: str, transform_key: str, batches_fn: Callable[[], Iterable], *,
+                    checkpoint_sha256: str | None = None, **extract_kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`extract_features` of ``backbone`` over ``batches_fn()``, cached on disk.
+
+    The cache key hashes the checkpoint file's bytes (pass ``checkpoint_sha256`` from
+    :func:`load_run` to tie it to the exact weights loaded; otherwise ``checkpoint_path`` is
+    hashed now), ``dataset_key`` and ``transform_key`` (strings naming the images and the
+    preprocessing; the caller makes them distinct). A hit loads the features without calling
+    ``batches_fn`` or the backbone. A miss extracts them, removes the files of older checkpoints
+    for the same dataset/transform, and writes atomically (temporary file + rename).
+    """
+    digest = checkpoint_sha256 or file_sha256(checkpoint_path)
+    path = feature_cache_path(run_dir, digest, dataset_key, transform_key)
+    meta = {"checkpoint_sha256": digest, "dataset_key": dataset_key, "transform_key": transform_key}
+    if path.is_file():
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+            if all(blob.get(k) == v for k, v in meta.items()) and blob["features"].shape[0] == blob["labels"].shape[0]:
+                return blob["features"], blob["labels"]
+            warnings.warn(f"feature cache {path} does not match its key; recomputing", stacklevel=2)
+        except Exception as e:  # a truncated or foreign file is just a miss
+            warnings.warn(f"feature cache {path} is unreadable ({type(e).__name__}); recomputing", stacklevel=2)
+    feats, labels = extract_features(backbone, batches_fn(), **extract_kw)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for old in path.parent.glob(f"features-{_short(dataset_key, transform_key)}-*.pt"):
+        if old != path:
+            old.unlink(missing_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save({"features": feats.contiguous(), "labels": labels.contiguous(), **meta}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk must not lose the features just computed
+        tmp.unlink(missing_ok=True)
+        warnings.warn(f"could not write the feature cache {path}: {e}", stacklevel=2)
+    return feats, labels

@@ -323,6 +323,14 @@ def test_outputs_survive_later_calls_and_workspace_resizes():
     assert all(torch.equal(k, a) for k, a in zip(kept, again))
 
 
+def test_cpu_chunking_does_not_change_results():
+    images = uint8_images(7)
+    whole, chunked = MultiCrop(SMALL), MultiCrop(SMALL)
+    chunked.CHUNK_PIXELS = 2 * 24 * 24  # 2 global / 8 local crops per chunk, a partial last chunk
+    for a, b in zip(whole(images, seed=4), chunked(images, seed=4)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
 def test_small_inputs_batch_of_one_and_no_local_crops():
     fashion = uint8_images(1, h=28, w=28, c=1)  # Fashion-MNIST sized
     out = MultiCrop(MultiCropConfig(global_size=32, local_size=16, n_local=2))(fashion, seed=0)

@@ -1,0 +1,517 @@
+"""Baseline backbones the paper compares with, built by timm at random init (never downloaded).
+
+Registered names (PAPER.md section 3/5, Tables 1, 3, 5):
+
+- ``resnet50``   ResNet-50 (23.5 M backbone params; 25.6 M with a 1000-way classifier)
+- ``convnext_t`` vanilla ConvNeXt-T, LayerNorm only, depthwise kernel 7 by default
+                 (27.8 M; 28.6 M with classifier); ``kernel_size`` 3/5/7/9/15 for Table 1/2
+- ``vit_s16``    ViT-S/16 (21.7 M; 22.1 M with classifier); ``random_patch_projection=True``
+                 freezes the patch embedding at its random init (MoCo v3)
+- ``swin_t``     Swin-T, patch 4, window 7 (27.5 M; 28.3 M with classifier)
+
+Every factory takes the BC-SSL factories' keyword arguments (``kernel_size``, ``dw_norm``,
+``stem_stride``, ``drop_path_rate``, ``depths``, ``dims``, ``layer_scale_init``, ``in_chans``)
+plus ``img_size``. A value a model can honour is used; anything else is a ``ValueError``. The
+values the BC-SSL defaults (and so ``model.*`` in the config) carry when left alone -- kernel 9,
+``dw_norm='bn+ln'``, layer scale 1e-6 -- and ``None`` mean "not set" for models that have no such
+thing (ResNet/ViT/Swin have no depthwise conv). ``convnext_t`` *is* a depthwise-conv model, so
+it honours ``kernel_size`` (default 7) and only accepts ``dw_norm='ln'`` (vanilla ConvNeXt;
+``bcssl_t`` is the model with BN after the depthwise conv).
+
+``stem_stride`` (4 = the standard stem, 2 and 1 for small images) scales every model's total
+stride by ``stem_stride / 4``, as for BC-SSL: ResNet drops the stem max-pool (2) and also the
+stride of its first conv (1); ConvNeXt and Swin use a ``stem_stride`` patch; ViT uses a
+``4 * stem_stride`` patch (16, 8, 4).
+
+Input sizes (checked with a clear ``ValueError`` before timm's own asserts):
+
+- CNNs: any side >= ``min_input_size`` = 8 * stem_stride (32 px at the standard stem).
+- ``vit_s16``: sides that are multiples of the patch (16 px at the standard stem), at least one
+  patch. With ``dynamic_img_size=True`` (default; DINO's local crops need it) one model takes any
+  such size and interpolates its position embedding from the ``img_size`` grid (free at
+  ``img_size``); with ``False`` the input must be exactly ``img_size``.
+- ``swin_t``: with timm 1.0.31 sides only need to be multiples of the patch size (4 px): timm
+  pads odd feature maps before patch merging and pads (or, for maps no larger than the window,
+  shrinks) the 7x7 windows, so 32, 36, 64, 96, 224 ... all work; 224 = 4 x 7 x 8 is only the
+  size at which no padding happens. ``dynamic_img_size=True`` (default) computes the shifted-
+  window masks per forward so one model takes every such size; ``False`` precomputes them for
+  ``img_size`` only (what the throughput benchmark uses).
+
+Each model is wrapped in :class:`TimmBackbone`, which gives the backbone contract of
+``bcssl/models/bcssl_convnext.py``.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+from typing import Callable, Optional
+
+import timm
+import torch
+import torch.nn as nn
+
+from .bcssl_convnext import _kernel_sizes
+from .registry import register_backbone
+
+# Values the BC-SSL factories (and the config's model.* keys) use by default; for a model without
+# that feature they mean "not set".
+BCSSL_DEFAULT_KERNEL_SIZE = 9
+BCSSL_DEFAULT_DW_NORM = "bn+ln"
+BCSSL_DEFAULT_LAYER_SCALE = 1e-6
+STEM_STRIDES = (4, 2, 1)
+
+# Names whose factory honours ``kernel_size`` (the throughput benchmark passes it to these only)
+# and names that take ``img_size`` / ``dynamic_img_size``.
+KERNEL_SIZE_BASELINES = ("convnext_t",)
+IMG_SIZE_BASELINES = ("vit_s16", "swin_t")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_seq(v) -> bool:
+    return isinstance(v, Sequence) and not isinstance(v, (str, bytes))
+
+
+def _unset(value, bcssl_default) -> bool:
+    return value is None or (value == bcssl_default and type(value) is type(bcssl_default))
+
+
+def _reject(name: str, key: str, value, why: str) -> None:
+    raise ValueError(f"{name} does not support {key}={value!r}: {why}")
+
+
+def _check_common(name: str, stem_stride, drop_path_rate, in_chans) -> int:
+    if not _is_int(stem_stride) or stem_stride not in STEM_STRIDES:
+        raise ValueError(
+            f"{name}: stem_stride must be one of {', '.join(map(str, STEM_STRIDES))}; got {stem_stride!r}"
+        )
+    if not isinstance(drop_path_rate, numbers.Real) or not 0.0 <= float(drop_path_rate) < 1.0:
+        raise ValueError(f"{name}: drop_path_rate must be in [0, 1), got {drop_path_rate!r}")
+    if not _is_int(in_chans) or in_chans < 1:
+        raise ValueError(f"{name}: in_chans must be a positive int, got {in_chans!r}")
+    return int(stem_stride)
+
+
+def _no_depthwise(name: str, kernel_size, dw_norm) -> None:
+    """ResNet/ViT/Swin have no depthwise conv: kernel_size / dw_norm must be left unset."""
+    if not _unset(kernel_size, BCSSL_DEFAULT_KERNEL_SIZE):
+        _reject(name, "kernel_size", kernel_size,
+                "it has no depthwise conv (use bcssl_* or convnext_t for a kernel-size study)")
+    if not _unset(dw_norm, BCSSL_DEFAULT_DW_NORM):
+        _reject(name, "dw_norm", dw_norm,
+                "it has no depthwise conv (dw_norm applies to bcssl_* only; convnext_t is 'ln')")
+
+
+def _four_ints(name: str, key: str, value) -> tuple[int, ...]:
+    if _is_seq(value) and len(value) == 4 and all(_is_int(v) and v > 0 for v in value):
+        return tuple(int(v) for v in value)
+    raise ValueError(f"{name}: {key} must be 4 positive ints (one per stage), got {value!r}")
+
+
+def _one_int(name: str, key: str, value) -> int:
+    """ViT has one depth and one width: accept an int or a 1-element list."""
+    if _is_seq(value) and len(value) == 1:
+        value = value[0]
+    if _is_int(value) and value > 0:
+        return int(value)
+    raise ValueError(f"{name}: {key} must be one positive int (ViT has a single stage), got {value!r}")
+
+
+def _side(img_size) -> tuple[int, int]:
+    if _is_int(img_size):
+        return int(img_size), int(img_size)
+    if _is_seq(img_size) and len(img_size) == 2 and all(_is_int(s) for s in img_size):
+        return int(img_size[0]), int(img_size[1])
+    raise ValueError(f"img_size must be an int or (H, W), got {img_size!r}")
+
+
+def _create_timm(arch: str, **kwargs) -> nn.Module:
+    # pretrained=False: random init, nothing is ever downloaded; num_classes=0: no classifier.
+    return timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
+
+
+class TimmBackbone(nn.Module):
+    """A timm model (``num_classes=0``) behind the bcssl backbone contract.
+
+    - ``forward(x) -> (B, num_features)``: timm ``forward_features`` + ``forward_head(pre_logits=True)``
+      (ResNet/ConvNeXt/Swin: global average pool (+ LayerNorm for ConvNeXt); ViT: cls token).
+    - ``forward_features(x) -> (B, C, H', W')``: CNN maps as they are, ViT patch tokens (cls
+      dropped) reshaped to the patch grid, Swin NHWC permuted to NCHW.
+    - ``cam_target_layer``: CNN -> last block of the last stage; ViT/Swin -> ``norm1`` of the last
+      block (PAPER.md section 4). ``cam_reshape``: ``None`` for CNNs, else a callable for
+      pytorch-grad-cam's ``reshape_transform`` taking that layer's output to (B, C, h, w).
+    - ``min_input_size``: smallest input side.
+
+    Args:
+        model: the timm model, built with ``num_classes=0``.
+        family: one of ``'resnet'``, ``'convnext'``, ``'vit'``, ``'swin'``.
+        name: registry name (for messages).
+        min_input_size: smallest input side.
+        multiple_of: input sides must be multiples of this (the ViT/Swin patch size; 1 for CNNs).
+        fixed_size: ``(H, W)`` the input must match exactly (ViT/Swin built without
+            ``dynamic_img_size``), or ``None``.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        family: str,
+        name: str,
+        min_input_size: int,
+        multiple_of: int = 1,
+        fixed_size: Optional[tuple[int, int]] = None,
+    ):
+        super().__init__()
+        if family not in ("resnet", "convnext", "vit", "swin"):
+            raise ValueError(f"unknown family {family!r}")
+        self.model = model
+        self.family = family
+        self.name = name
+        self.num_features = int(model.num_features)
+        self.in_chans = int(getattr(model, "in_chans", 3))
+        self._min_input_size = int(min_input_size)
+        self.multiple_of = int(multiple_of)
+        self.fixed_size = fixed_size
+        self._last_grid: Optional[tuple[int, int]] = None  # ViT patch grid of the last input (for CAM)
+
+    # -- contract ---------------------------------------------------------------------------------
+    @property
+    def min_input_size(self) -> int:
+        """Smallest input side (CNNs: the total stride; ViT/Swin: one patch)."""
+        return self._min_input_size
+
+    @property
+    def cam_target_layer(self) -> nn.Module:
+        """Module Grad-CAM hooks (PAPER.md section 4)."""
+        m = self.model
+        if self.family == "resnet":
+            return m.layer4[-1]
+        if self.family == "convnext":
+            return m.stages[-1].blocks[-1]
+        if self.family == "vit":
+            return m.blocks[-1].norm1
+        return m.layers[-1].blocks[-1].norm1  # swin
+
+    @property
+    def cam_reshape(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+        """``reshape_transform`` for pytorch-grad-cam: ``None`` for CNNs (maps are 2-D already)."""
+        if self.family == "vit":
+            return self._vit_tokens_to_map
+        if self.family == "swin":
+            return _nhwc_to_nchw
+        return None
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Last-stage feature map ``(B, C, H', W')`` before pooling."""
+        t = self._timm_features(x)
+        if self.family == "vit":
+            return self._vit_tokens_to_map(t)
+        if self.family == "swin":
+            return _nhwc_to_nchw(t)
+        return t
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(B, num_features)`` (timm's pre-logits)."""
+        return self.model.forward_head(self._timm_features(x), pre_logits=True)
+
+    # -- helpers ----------------------------------------------------------------------------------
+    def _timm_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input_size(x.shape[-2], x.shape[-1])
+        if self.family == "vit":
+            p = self.multiple_of
+            self._last_grid = (x.shape[-2] // p, x.shape[-1] // p)
+        return self.model.forward_features(x)
+
+    def check_input_size(self, h: int, w: int) -> None:
+        """``ValueError`` naming the sizes that work when ``h x w`` does not."""
+        h, w = int(h), int(w)
+        if self.fixed_size is not None and (h, w) != tuple(self.fixed_size):
+            fh, fw = self.fixed_size
+            raise ValueError(
+                f"{self.name} was built for {fh}x{fw} inputs (dynamic_img_size=False), got {h}x{w}; "
+                f"build it with img_size={h} or dynamic_img_size=True"
+            )
+        m, k = self.min_input_size, self.multiple_of
+        if h < m or w < m:
+            raise ValueError(f"input {h}x{w} is too small for {self.name}: need at least {m}x{m}")
+        if h % k or w % k:
+            raise ValueError(
+                f"input {h}x{w} does not fit {self.name}: both sides must be multiples of its "
+                f"patch size {k} (e.g. {k * max(1, h // k)}x{k * max(1, w // k)})"
+            )
+
+    def _vit_tokens_to_map(self, tokens: torch.Tensor) -> torch.Tensor:
+        """ViT tokens ``(B, prefix + N, C)`` -> patch tokens as ``(B, C, h, w)`` (cls dropped)."""
+        n_prefix = int(getattr(self.model, "num_prefix_tokens", 1))
+        patches = tokens[:, n_prefix:]
+        b, n, c = patches.shape
+        grid = self._last_grid
+        if grid is None or grid[0] * grid[1] != n:
+            side = math.isqrt(n)
+            if side * side != n:
+                raise ValueError(f"cannot infer the patch grid of {n} tokens; run forward on the input first")
+            grid = (side, side)
+        return patches.transpose(1, 2).reshape(b, c, grid[0], grid[1])
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, family={self.family!r}, num_features={self.num_features}"
+
+
+def _nhwc_to_nchw(x: torch.Tensor) -> torch.Tensor:
+    """Swin's (B, H, W, C) activations -> (B, C, H, W)."""
+    if x.ndim != 4:
+        raise ValueError(f"expected a (B, H, W, C) Swin activation, got shape {tuple(x.shape)}")
+    return x.permute(0, 3, 1, 2)
+
+
+# ------------------------------------------------------------------------------------------------
+# factories
+# ------------------------------------------------------------------------------------------------
+
+
+@register_backbone("resnet50")
+def resnet50(
+    *,
+    kernel_size=BCSSL_DEFAULT_KERNEL_SIZE,
+    dw_norm=BCSSL_DEFAULT_DW_NORM,
+    stem_stride: int = 4,
+    drop_path_rate: float = 0.0,
+    depths=None,
+    dims=None,
+    layer_scale_init=BCSSL_DEFAULT_LAYER_SCALE,
+    img_size=None,
+    in_chans: int = 3,
+) -> TimmBackbone:
+    """ResNet-50 (timm ``resnet50``, torchvision-style v1.5), random init.
+
+    ``depths``: bottleneck blocks per stage (default 3,4,6,3); ``dims``: stage output widths
+    (default 256,512,1024,2048, multiples of 4: the bottleneck width is dims/4).
+    ``stem_stride`` 2 drops the stem max-pool, 1 also the stride of the 7x7 stem conv.
+    """
+    name = "resnet50"
+    s = _check_common(name, stem_stride, drop_path_rate, in_chans)
+    _no_depthwise(name, kernel_size, dw_norm)
+    if not _unset(layer_scale_init, BCSSL_DEFAULT_LAYER_SCALE):
+        _reject(name, "layer_scale_init", layer_scale_init, "ResNet has no layer scale")
+    kw: dict = dict(drop_path_rate=float(drop_path_rate), in_chans=int(in_chans))
+    if depths is not None:
+        kw["layers"] = _four_ints(name, "depths", depths)
+    if dims is not None:
+        dims = _four_ints(name, "dims", dims)
+        if any(d % 4 for d in dims):
+            raise ValueError(f"{name}: dims (stage output widths) must be multiples of 4, got {dims}")
+        kw["channels"] = tuple(d // 4 for d in dims)
+    model = _create_timm("resnet50", **kw)
+    if s <= 2:
+        model.maxpool = nn.Identity()
+    if s == 1:
+        model.conv1.stride = (1, 1)
+    min_size = 8 * s
+    if img_size is not None and min(_side(img_size)) < min_size:
+        raise ValueError(f"{name}: img_size {img_size} is below its minimum {min_size} (stem_stride={s})")
+    return TimmBackbone(model, family="resnet", name=name, min_input_size=min_size)
+
+
+@register_backbone("convnext_t")
+def convnext_t(
+    *,
+    kernel_size=7,
+    dw_norm="ln",
+    stem_stride: int = 4,
+    drop_path_rate: float = 0.0,
+    depths=(3, 3, 9, 3),
+    dims=(96, 192, 384, 768),
+    layer_scale_init: Optional[float] = BCSSL_DEFAULT_LAYER_SCALE,
+    img_size=None,
+    in_chans: int = 3,
+) -> TimmBackbone:
+    """Vanilla ConvNeXt-T (timm ``convnext_tiny``): LayerNorm only, depthwise kernel 7 by default.
+
+    ``kernel_size``: odd int 3..31 or one per stage (timm's ``kernel_sizes``). ``dw_norm`` must
+    be ``'ln'`` (use ``bcssl_t`` for the BN after the depthwise conv). ``stem_stride`` s: an
+    s x s stride-s patchify stem (total stride 8 s), as in BC-SSL.
+    """
+    name = "convnext_t"
+    s = _check_common(name, stem_stride, drop_path_rate, in_chans)
+    ks = _kernel_sizes(7 if kernel_size is None else kernel_size)
+    if dw_norm not in (None, "ln"):
+        _reject(name, "dw_norm", dw_norm,
+                "convnext_t is vanilla ConvNeXt (LayerNorm only): pass dw_norm='ln' (config: model.dw_norm=ln); "
+                "use bcssl_t for a BatchNorm after the depthwise conv")
+    depths = _four_ints(name, "depths", depths if depths is not None else (3, 3, 9, 3))
+    dims = _four_ints(name, "dims", dims if dims is not None else (96, 192, 384, 768))
+    model = _create_timm(
+        "convnext_tiny",
+        depths=depths,
+        dims=dims,
+        kernel_sizes=ks,
+        ls_init_value=layer_scale_init,
+        drop_path_rate=float(drop_path_rate),
+        in_chans=int(in_chans),
+    )
+    if s != 4:
+        # timm turns a 2x2 patch stem into stride 4 by downsampling in stage 0; BC-SSL's
+        # stem_stride means an s x s stride-s stem and no stage-0 downsampling, so swap the conv.
+        old = model.stem[0]
+        conv = nn.Conv2d(int(in_chans), dims[0], kernel_size=s, stride=s, bias=old.bias is not None,
+                         device=old.weight.device, dtype=old.weight.dtype)
+        nn.init.trunc_normal_(conv.weight, std=0.02)
+        if conv.bias is not None:
+            nn.init.zeros_(conv.bias)
+        model.stem[0] = conv
+    min_size = 8 * s
+    if img_size is not None and min(_side(img_size)) < min_size:
+        raise ValueError(f"{name}: img_size {img_size} is below its minimum {min_size} (stem_stride={s})")
+    backbone = TimmBackbone(model, family="convnext", name=name, min_input_size=min_size)
+    backbone.kernel_sizes = ks
+    backbone.dw_norm = "ln"
+    backbone.stem_stride = s
+    return backbone
+
+
+def _check_img_size(name: str, img_size, patch: int) -> tuple[int, int]:
+    hw = _side(img_size)
+    if min(hw) < patch or hw[0] % patch or hw[1] % patch:
+        raise ValueError(
+            f"{name}: img_size {img_size} must be a positive multiple of the patch size {patch} "
+            f"(e.g. {patch * 2}, {patch * 4}, {patch * 8}, 224)"
+        )
+    return hw
+
+
+@register_backbone("vit_s16")
+def vit_s16(
+    *,
+    kernel_size=BCSSL_DEFAULT_KERNEL_SIZE,
+    dw_norm=BCSSL_DEFAULT_DW_NORM,
+    stem_stride: int = 4,
+    drop_path_rate: float = 0.0,
+    depths=None,
+    dims=None,
+    layer_scale_init=BCSSL_DEFAULT_LAYER_SCALE,
+    img_size=224,
+    in_chans: int = 3,
+    dynamic_img_size: bool = True,
+    random_patch_projection: bool = False,
+) -> TimmBackbone:
+    """ViT-S/16 (timm ``vit_small_patch16_224``): 12 blocks, width 384, 6 heads, cls-token pooling.
+
+    ``img_size``: the position-embedding grid (multiple of the patch). ``dynamic_img_size``: accept
+    any multiple of the patch by interpolating the position embedding (default; needed for
+    multi-crop). ``random_patch_projection``: MoCo v3's trick -- patch-embedding weight
+    xavier-uniform, bias zero, both frozen (``requires_grad=False``). ``stem_stride`` s: patch
+    4 s. ``depths``/``dims``: one int each (depth, width; heads = width / 64, at least 1).
+    ``layer_scale_init`` other than the BC-SSL default 1e-6 / None enables timm's layer scale.
+    """
+    name = "vit_s16"
+    s = _check_common(name, stem_stride, drop_path_rate, in_chans)
+    _no_depthwise(name, kernel_size, dw_norm)
+    patch = 4 * s
+    hw = _check_img_size(name, img_size, patch)
+    kw: dict = dict(
+        img_size=hw,
+        patch_size=patch,
+        drop_path_rate=float(drop_path_rate),
+        in_chans=int(in_chans),
+        dynamic_img_size=bool(dynamic_img_size),
+    )
+    if depths is not None:
+        kw["depth"] = _one_int(name, "depths", depths)
+    if dims is not None:
+        width = _one_int(name, "dims", dims)
+        heads = max(1, width // 64)
+        if width % heads:
+            raise ValueError(f"{name}: dims {width} must be divisible by its {heads} heads (width / 64)")
+        kw["embed_dim"], kw["num_heads"] = width, heads
+    if not _unset(layer_scale_init, BCSSL_DEFAULT_LAYER_SCALE):
+        kw["init_values"] = float(layer_scale_init)
+    model = _create_timm("vit_small_patch16_224", **kw)
+    if random_patch_projection:
+        _freeze_random_patch_projection(model)
+    backbone = TimmBackbone(
+        model, family="vit", name=name, min_input_size=patch, multiple_of=patch,
+        fixed_size=None if dynamic_img_size else hw,
+    )
+    backbone.patch_size = patch
+    backbone.img_size = hw
+    backbone.random_patch_projection = bool(random_patch_projection)
+    return backbone
+
+
+@torch.no_grad()
+def _freeze_random_patch_projection(vit: nn.Module) -> None:
+    """MoCo v3 random patch projection: xavier-uniform weight (fan over the flattened patch),
+    zero bias, both frozen at that random init."""
+    proj = vit.patch_embed.proj
+    fan_in = proj.weight[0].numel()  # in_chans * p * p
+    fan_out = proj.weight.shape[0]  # embed_dim
+    val = math.sqrt(6.0 / float(fan_in + fan_out))
+    nn.init.uniform_(proj.weight, -val, val)
+    proj.weight.requires_grad_(False)
+    if proj.bias is not None:
+        nn.init.zeros_(proj.bias)
+        proj.bias.requires_grad_(False)
+
+
+@register_backbone("swin_t")
+def swin_t(
+    *,
+    kernel_size=BCSSL_DEFAULT_KERNEL_SIZE,
+    dw_norm=BCSSL_DEFAULT_DW_NORM,
+    stem_stride: int = 4,
+    drop_path_rate: float = 0.0,
+    depths=None,
+    dims=None,
+    layer_scale_init=BCSSL_DEFAULT_LAYER_SCALE,
+    img_size=224,
+    in_chans: int = 3,
+    dynamic_img_size: bool = True,
+    window_size: int = 7,
+) -> TimmBackbone:
+    """Swin-T (timm ``swin_tiny_patch4_window7_224``): patch 4, window 7, depths 2,2,6,2,
+    widths 96..768, heads 3,6,12,24.
+
+    ``img_size``: any multiple of the patch size (see the module docstring). ``dims``: 4 widths,
+    each twice the previous (timm's Swin doubles per stage); heads = width / 32 (at least 1).
+    ``stem_stride`` s: patch s. ``drop_path_rate`` defaults to 0 here (timm's default is 0.1).
+    """
+    name = "swin_t"
+    s = _check_common(name, stem_stride, drop_path_rate, in_chans)
+    _no_depthwise(name, kernel_size, dw_norm)
+    if not _unset(layer_scale_init, BCSSL_DEFAULT_LAYER_SCALE):
+        _reject(name, "layer_scale_init", layer_scale_init, "Swin has no layer scale")
+    if not _is_int(window_size) or window_size < 1:
+        raise ValueError(f"{name}: window_size must be a positive int, got {window_size!r}")
+    patch = s
+    hw = _check_img_size(name, img_size, patch)
+    kw: dict = dict(
+        img_size=hw,
+        patch_size=patch,
+        window_size=int(window_size),
+        drop_path_rate=float(drop_path_rate),
+        in_chans=int(in_chans),
+        dynamic_img_size=bool(dynamic_img_size),
+    )
+    if depths is not None:
+        kw["depths"] = _four_ints(name, "depths", depths)
+    if dims is not None:
+        dims = _four_ints(name, "dims", dims)
+        if any(dims[i + 1] != 2 * dims[i] for i in range(3)):
+            raise ValueError(f"{name}: dims must double per stage (d, 2d, 4d, 8d), got {dims}")
+        heads = tuple(max(1, d // 32) for d in dims)
+        if any(d % h for d, h in zip(dims, heads)):
+            raise ValueError(f"{name}: dims {dims} must be divisible by their heads {heads} (width / 32)")
+        kw["embed_dim"], kw["num_heads"] = dims[0], heads
+    model = _create_timm("swin_tiny_patch4_window7_224", **kw)
+    backbone = TimmBackbone(
+        model, family="swin", name=name, min_input_size=patch, multiple_of=patch,
+        fixed_size=None if dynamic_img_size else hw,
+    )
+    backbone.patch_size = patch
+    backbone.img_size = hw
+    return backbone
