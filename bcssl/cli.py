@@ -18,6 +18,7 @@ EPILOG = """examples:
   bcssl eval knn runs/demo
   bcssl eval linear runs/demo
   bcssl eval robustness runs/demo --limit 500
+  bcssl bench throughput --models bcssl_t,swin_t --batch 16
   bcssl presets
 """
 
@@ -68,6 +69,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--corruptions", default=None, help="comma-separated subset of the 15 (default: all)")
     e.add_argument("--severities", default="1,2,3,4,5")
     _add_common(e)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bsub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK")
+    b = bsub.add_parser("throughput", help="forward-only images/s, params and MACs (paper Tables 3/5 columns)")
+    b.add_argument("--models", default="bcssl_t,swin_t", help="comma-separated registry names (first = reference)")
+    b.add_argument("--resolution", type=int, default=224)
+    b.add_argument("--batch", type=int, default=64)
+    b.add_argument("--device", default="auto")
+    b.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
+    b.add_argument("--channels-last", action="store_true")
+    b.add_argument("--no-fold-bn", action="store_true", help="measure BC-SSL with its BN unfolded")
+    b.add_argument("--compare-unfolded", action="store_true", help="also measure BC-SSL unfolded")
+    b.add_argument("--kernel-size", type=int, default=None, help="kernel size for bcssl_*/convnext_t")
+    b.add_argument("--warmup", type=int, default=3)
+    b.add_argument("--iters", type=int, default=10)
+    b.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is reported")
+    b.add_argument("--threads", type=int, default=None)
+    _add_common(b)
 
     p = sub.add_parser("presets", help="list the built-in presets")
     _add_common(p)
@@ -157,6 +176,21 @@ def cmd_eval_robustness(args) -> None:
     _emit(args, r, "\n".join(lines + [summary, f"written to {args.run}/robustness.json"]))
 
 
+def cmd_bench_throughput(args) -> None:
+    import torch
+
+    from bcssl.engine.trainer import resolve_device
+    from bcssl.eval.throughput import benchmark, format_table
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    rows = benchmark(args.models.split(","), resolution=args.resolution, batch_size=args.batch,
+                     device=resolve_device(args.device), amp=args.amp, channels_last=args.channels_last,
+                     fold_bn=not args.no_fold_bn, compare_unfolded=args.compare_unfolded, warmup=args.warmup,
+                     iters=args.iters, repeats=args.repeats, kernel_size=args.kernel_size)
+    _emit(args, {"rows": rows}, format_table(rows))
+
+
 def cmd_presets(args) -> None:
     from bcssl.config import list_presets, preset_path
 
@@ -170,11 +204,13 @@ def cmd_presets(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.command is None or (args.command == "eval" and args.eval_command is None):
+    if args.command is None or (args.command == "eval" and args.eval_command is None) or \
+            (args.command == "bench" and args.bench_command is None):
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="[bcssl] %(message)s")
     handler = {"pretrain": cmd_pretrain, "demo": cmd_demo, "presets": cmd_presets,
+               "bench": {"throughput": cmd_bench_throughput}.get(getattr(args, "bench_command", None)),
                "eval": {"knn": cmd_eval_knn, "linear": cmd_eval_linear,
                         "robustness": cmd_eval_robustness}.get(getattr(args, "eval_command", None))}[args.command]
     try:

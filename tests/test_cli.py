@@ -78,3 +78,12 @@ def test_eval_linear_then_robustness(tmp_path, tiny_fmnist, capsys):
     rob = last_json(capsys.readouterr().out)
     assert set(rob["errors"]) == {"gaussian_noise", "contrast"} and len(rob["errors"]["contrast"]) == 2
     assert json.load(open(tmp_path / "ev" / "robustness.json"))["fashion_mnist_c"]["n_images"] == 8
+
+
+def test_bench_throughput_json(capsys):
+    assert main(["bench", "throughput", "--models", "bcssl_atto", "--resolution", "32", "--batch", "2",
+                 "--warmup", "1", "--iters", "1", "--repeats", "1", "--compare-unfolded", "--json"]) == 0
+    rows = last_json(capsys.readouterr().out)["rows"]
+    assert {r["fold_bn"] for r in rows} == {True, False} and all(r["img_per_s"] > 0 for r in rows)
+    assert main(["bench", "throughput", "--models", "bcssl_tt"]) != 0
+    assert "bcssl_t" in capsys.readouterr().err
