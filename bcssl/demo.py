@@ -3,6 +3,7 @@
 same network at random initialisation."""
 from __future__ import annotations
 
+import json
 import platform
 import time
 from pathlib import Path
@@ -63,6 +64,7 @@ def run_demo(cfg: DictConfig) -> dict:
         "gain_over_random": round(pretrained["top1"] - random_init["top1"], 2),
         "wall_s": round(wall, 1),
     }
+    (run_dir_of(cfg) / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
     write_report(cfg, summary)
     return summary
 

@@ -112,3 +112,13 @@ def test_per_parameter_clipping():
     clip_gradients_per_param(module, 3.0)
     assert a.grad.norm().item() == pytest.approx(3.0, rel=1e-5)   # clipped on its own
     assert torch.allclose(b.grad, torch.full((10,), 0.01))         # untouched, not scaled with a
+
+
+def test_bf16_autocast_trains_on_cpu(tmp_path, tiny_fmnist):
+    res = train(tiny_config(tmp_path, tiny_fmnist, "train.amp=bf16", "train.epochs=1"))
+    assert res.images_seen == 64 and res.nonfinite_steps == 0
+
+
+def test_fp16_on_cpu_is_a_clear_error(tmp_path, tiny_fmnist):
+    with pytest.raises(TrainingError, match="fp16 needs a CUDA device"):
+        train(tiny_config(tmp_path, tiny_fmnist, "train.amp=fp16", "device=cpu"))
