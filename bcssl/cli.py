@@ -19,6 +19,7 @@ EPILOG = """examples:
   bcssl eval linear runs/demo
   bcssl eval robustness runs/demo --limit 500
   bcssl bench throughput --models bcssl_t,swin_t --batch 16
+  bcssl report runs/demo
   bcssl presets
 """
 
@@ -87,6 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is reported")
     b.add_argument("--threads", type=int, default=None)
     _add_common(b)
+
+    p = sub.add_parser("report", help="report.md + figures (loss/lr, k-NN monitor, results, robustness, CAM) "
+                       "for one run or several side by side")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--out", default=None, help="output folder (default: the run itself; required for several)")
+    p.add_argument("--title", default=None)
+    _add_common(p)
 
     p = sub.add_parser("presets", help="list the built-in presets")
     _add_common(p)
@@ -191,6 +199,13 @@ def cmd_bench_throughput(args) -> None:
     _emit(args, {"rows": rows}, format_table(rows))
 
 
+def cmd_report(args) -> None:
+    from bcssl.eval.report import write_report
+
+    path = write_report(args.runs, args.out, args.title)
+    _emit(args, {"report": str(path), "run_dirs": args.runs}, f"report: {path}")
+
+
 def cmd_presets(args) -> None:
     from bcssl.config import list_presets, preset_path
 
@@ -209,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="[bcssl] %(message)s")
-    handler = {"pretrain": cmd_pretrain, "demo": cmd_demo, "presets": cmd_presets,
+    handler = {"pretrain": cmd_pretrain, "demo": cmd_demo, "presets": cmd_presets, "report": cmd_report,
                "bench": {"throughput": cmd_bench_throughput}.get(getattr(args, "bench_command", None)),
                "eval": {"knn": cmd_eval_knn, "linear": cmd_eval_linear,
                         "robustness": cmd_eval_robustness}.get(getattr(args, "eval_command", None))}[args.command]

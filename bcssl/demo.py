@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig
 
 from bcssl.eval.knn import KNNEvaluator, knn_classify
+from bcssl.eval.report import write_report
 from bcssl.engine.checkpoint import load
 from bcssl.engine.run_dir import run_dir_of
 from bcssl.engine.trainer import build_method, resolve_device, train
@@ -64,31 +65,10 @@ def run_demo(cfg: DictConfig) -> dict:
         "gain_over_random": round(pretrained["top1"] - random_init["top1"], 2),
         "wall_s": round(wall, 1),
     }
-    (run_dir_of(cfg) / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
-    write_report(cfg, summary)
+    summary["protocol"] = (f"k-NN: cosine, k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}, weighted vote "
+                           f"(DINO); bank = {cfg.data.split} split, queries = {cfg.data.eval_split} split")
+    summary["machine"] = f"{platform.machine()}, {torch.get_num_threads()} threads, device {device}"
+    run_dir = run_dir_of(cfg)
+    (run_dir / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
+    summary["report"] = str(write_report([run_dir]))
     return summary
-
-
-def write_report(cfg: DictConfig, s: dict) -> Path:
-    path = run_dir_of(cfg) / "report.md"
-    m = cfg.model
-    lines = [
-        f"# bcssl demo: DINO pre-training of {m.name} (k={m.kernel_size}, dw_norm={m.dw_norm}) on Fashion-MNIST",
-        "",
-        f"k-NN (cosine, k={cfg.eval.knn_k}, T={cfg.eval.knn_temperature}, weighted vote; DINO protocol), "
-        f"bank = {cfg.data.split} split, queries = the {cfg.data.eval_split} split.",
-        "",
-        "| features | k-NN top-1 (%) |",
-        "|---|---|",
-        f"| raw pixels | {s['baseline_pixels_knn_top1']:.2f} |",
-        f"| {m.name}, random initialisation | {s['baseline_random_knn_top1']:.2f} |",
-        f"| {m.name}, DINO pre-trained ({s['epochs']} epochs) | **{s['knn_top1']:.2f}** |",
-        "",
-        f"Pre-training: {s['images_seen']} images in {s['train_s']:.0f} s ({s['imgs_per_s']:.0f} img/s); "
-        f"whole demo {s['wall_s']:.0f} s on {platform.processor() or platform.machine()} "
-        f"with {torch.get_num_threads()} threads.",
-        "",
-        f"Config: `{run_dir_of(cfg)}/config.yaml`; curves: `metrics.jsonl`, TensorBoard `tb/`.",
-    ]
-    path.write_text("\n".join(lines) + "\n")
-    return path

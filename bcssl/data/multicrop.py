@@ -416,7 +416,7 @@ class MultiCrop:
     """Batched DINO multi-crop: ``MultiCrop(cfg)(uint8 images, seed) -> [g1, g2, l1..lN]``."""
 
     N_TRIES = 10  # torchvision RandomResizedCrop's attempts before the center-crop fallback
-    CHUNK_PIXELS = 1 << 18  # CPU: images per chunk so that a chunk's crops (~3 MB) stay in cache
+    CHUNK_PIXELS = 1 << 18  # CPU: crop groups go in chunks of ~this many pixels (3 MB), in cache
 
     def __init__(self, cfg: MultiCropConfig | None = None):
         self.cfg = cfg or MultiCropConfig()
