@@ -19,6 +19,7 @@ EPILOG = """examples:
   bcssl eval linear runs/demo
   bcssl eval robustness runs/demo --limit 500
   bcssl bench throughput --models bcssl_t,swin_t --batch 16
+  bcssl viz cam runs/demo
   bcssl report runs/demo
   bcssl presets
 """
@@ -95,6 +96,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: the run itself; required for several)")
     p.add_argument("--title", default=None)
     _add_common(p)
+
+    p = sub.add_parser("viz", help="visualisations")
+    vsub = p.add_subparsers(dest="viz_command", metavar="VIZ")
+    v = vsub.add_parser("cam", help="Grad-CAM / Eigen-CAM grid (rows = runs x methods, columns = images)")
+    v.add_argument("runs", nargs="+", metavar="RUN")
+    v.add_argument("--images", nargs="*", default=None,
+                   help="image files or a folder (default: one test image per class from the first run's data)")
+    v.add_argument("--methods", default="gradcam,eigencam")
+    v.add_argument("--out", default=None, help="PNG path (default: <first run>/cam.png, where `bcssl report` finds it)")
+    v.add_argument("--n", type=int, default=8, help="number of default images")
+    _add_common(v)
 
     p = sub.add_parser("presets", help="list the built-in presets")
     _add_common(p)
@@ -206,6 +218,39 @@ def cmd_report(args) -> None:
     _emit(args, {"report": str(path), "run_dirs": args.runs}, f"report: {path}")
 
 
+def cmd_viz_cam(args) -> None:
+    from bcssl.eval.cam import cam_for_runs
+
+    images = args.images
+    if not images:
+        images = _one_image_per_class(args.runs[0], args.n)
+    elif len(images) == 1:
+        images = images[0]
+    out = args.out or str(Path(args.runs[0]) / "cam.png")
+    s = cam_for_runs(args.runs, images, methods=args.methods.split(","), out_png=out)
+    rows = "\n".join(f"{k:40s} mean CAM area {v:.3f}" for k, v in s["cam_area_mean"].items())
+    _emit(args, s, f"{rows}\nCAM grid: {s['png']}")
+
+
+def _one_image_per_class(run_dir: str, n: int):
+    """uint8 images: the first eval-split image of each of the first ``n`` classes of a run's data."""
+    import torch
+
+    from bcssl.data import build_dataset
+    from bcssl.engine.run_dir import load_run_config
+
+    d = load_run_config(run_dir).data
+    ds = build_dataset(d.name, root=d.root, split=d.eval_split, download=d.download, load_size=d.load_size)
+    picked: dict[int, torch.Tensor] = {}
+    for i in range(len(ds)):
+        item = ds[i]
+        if item is not None and int(item[1]) not in picked:
+            picked[int(item[1])] = item[0]
+        if len(picked) >= min(n, ds.num_classes):
+            break
+    return torch.stack([picked[c] for c in sorted(picked)])
+
+
 def cmd_presets(args) -> None:
     from bcssl.config import list_presets, preset_path
 
@@ -220,11 +265,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None or (args.command == "eval" and args.eval_command is None) or \
-            (args.command == "bench" and args.bench_command is None):
+            (args.command == "bench" and args.bench_command is None) or \
+            (args.command == "viz" and args.viz_command is None):
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="[bcssl] %(message)s")
     handler = {"pretrain": cmd_pretrain, "demo": cmd_demo, "presets": cmd_presets, "report": cmd_report,
+               "viz": {"cam": cmd_viz_cam}.get(getattr(args, "viz_command", None)),
                "bench": {"throughput": cmd_bench_throughput}.get(getattr(args, "bench_command", None)),
                "eval": {"knn": cmd_eval_knn, "linear": cmd_eval_linear,
                         "robustness": cmd_eval_robustness}.get(getattr(args, "eval_command", None))}[args.command]

@@ -81,6 +81,12 @@ def test_eval_linear_then_robustness(tmp_path, tiny_fmnist, capsys):
     rob = last_json(capsys.readouterr().out)
     assert set(rob["errors"]) == {"gaussian_noise", "contrast"} and len(rob["errors"]["contrast"]) == 2
     assert json.load(open(tmp_path / "ev" / "robustness.json"))["fashion_mnist_c"]["n_images"] == 8
+    assert main(["viz", "cam", f"{tmp_path}/ev", "--n", "3", "--json"]) == 0
+    cam = last_json(capsys.readouterr().out)
+    assert cam["n_images"] == 3 and (tmp_path / "ev" / "cam.png").exists()
+    assert main(["report", f"{tmp_path}/ev"]) == 0
+    report = (tmp_path / "ev" / "report.md").read_text()
+    assert "cam.png" in report and "linear" in report.lower()
 
 
 def test_bench_throughput_json(capsys):

@@ -185,8 +185,9 @@ def cam_maps(backbone: nn.Module, images_uint8: torch.Tensor, *, method: str, si
     pooled feature to ``reference`` (``(D,)`` or ``(N, D)``, cosine) or, by default, to its own
     clean pooled feature (projection; see :class:`FeatureSimilarityTarget`).
 
-    The backbone (and classifier) run in eval mode on their own device; every module's train/eval
-    mode and every parameter's ``requires_grad`` are restored, and the hooks removed, afterwards.
+    The backbone (and classifier, moved to the backbone's device) run in eval mode; every module's
+    train/eval mode and every parameter's ``requires_grad`` are restored, and the hooks removed,
+    afterwards.
     With ``return_targets=True`` also returns the predicted classes (a list of ints, classifier
     only; else ``None``).
     """
@@ -219,7 +220,7 @@ def cam_maps(backbone: nn.Module, images_uint8: torch.Tensor, *, method: str, si
         # behind) and let the input require grad so the graph exists even for frozen backbones.
         for p in grads:
             p.requires_grad_(False)
-        cam = cam_cls(model=model, target_layers=[target_layer], reshape_transform=None)
+        cam = cam_cls(model=model, target_layers=[target_layer], reshape_transform=reshape)
         try:
             for s in range(0, n, batch_size):
                 x = eval_preprocess(images_uint8[s:s + batch_size].to(device), size, mean, std)
@@ -380,7 +381,8 @@ def cam_for_runs(run_dirs: Sequence[Union[str, os.PathLike]], images, *, methods
     (``"<run> <model> <method>"`` for models without a depthwise kernel).
 
     Writes ``out_png`` and a summary next to it (same name, ``.json``) and returns the summary:
-    ``{"png", "json", "images": [names], "area_threshold", "rows": [{"label", "run_dir", "run",
+    ``{"n_images", "area_threshold", "cam_area_mean": {label: mean area}, "png", "json",
+    "images": [names], "rows": [{"label", "run_dir", "run",
     "model", "kernel_size", "method", "target", "checkpoint", "predicted", "cam_area",
     "cam_area_mean"}]}`` where ``cam_area`` is the fraction of each map above 0.5.
     """
@@ -437,8 +439,10 @@ def cam_for_runs(run_dirs: Sequence[Union[str, os.PathLike]], images, *, methods
                 "cam_area_mean": round(float(area.mean()), 4),
             })
     png = cam_grid(grid_rows, names, out_png, title=title)
-    summary = {"png": str(png), "json": str(png.with_suffix(".json")), "images": list(names),
-               "area_threshold": AREA_THRESHOLD, "rows": summary_rows}
+    summary = {"n_images": len(names), "area_threshold": AREA_THRESHOLD,
+               "cam_area_mean": {r["label"]: r["cam_area_mean"] for r in summary_rows},
+               "png": str(png), "json": str(png.with_suffix(".json")), "images": list(names),
+               "rows": summary_rows}
     tmp = png.with_name(f".{png.stem}.json.tmp.{os.getpid()}")
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, summary["json"])

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from pytorch_grad_cam import GradCAM
+from pytorch_grad_cam import EigenCAM, GradCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
@@ -175,6 +175,11 @@ def test_transformer_baselines_through_cam_reshape(name, kw):
         maps = cam_maps(bb, imgs, method=method, size=32, mean=MEAN, std=STD)
         assert maps.shape == (3, 32, 32) and maps.min() >= 0 and maps.max() <= 1, method
         assert (maps.flatten(1).std(1) > 0.02).all(), method
+        if method == "eigencam":  # same as pytorch-grad-cam given the backbone's reshape_transform
+            x = eval_preprocess(imgs, 32, MEAN, STD)
+            with EigenCAM(model=bb, target_layers=[bb.cam_target_layer], reshape_transform=bb.cam_reshape) as cam:
+                torch.testing.assert_close(maps, torch.from_numpy(cam(input_tensor=x, targets=None)).clamp(0, 1),
+                                           atol=1e-5, rtol=0)
     assert not bb.cam_target_layer._forward_hooks
 
 
@@ -244,6 +249,7 @@ def test_cam_for_runs(tmp_path, tiny_fmnist):
     for r in s["rows"]:
         assert len(r["cam_area"]) == 3 and all(0 <= a <= 1 for a in r["cam_area"])
         assert r["cam_area_mean"] == pytest.approx(np.mean(r["cam_area"]), abs=1e-3)
+    assert s["n_images"] == 3 and s["cam_area_mean"]["k5 k=5 gradcam"] == s["rows"][2]["cam_area_mean"]
     assert json.loads(open(s["json"]).read()) == json.loads(json.dumps(s))
     with Image.open(s["png"]) as im:
         w, h = grid_size_px(4, 3, [r["label"] for r in s["rows"]])
