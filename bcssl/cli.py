@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -270,6 +271,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="[bcssl] %(message)s")
+    if not sys.stderr.isatty():  # logs and CI: a progress line every 30 s, not every 0.1 s
+        os.environ.setdefault("TQDM_MININTERVAL", "30")
     handler = {"pretrain": cmd_pretrain, "demo": cmd_demo, "presets": cmd_presets, "report": cmd_report,
                "viz": {"cam": cmd_viz_cam}.get(getattr(args, "viz_command", None)),
                "bench": {"throughput": cmd_bench_throughput}.get(getattr(args, "bench_command", None)),

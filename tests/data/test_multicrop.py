@@ -288,6 +288,8 @@ def test_outputs_shapes_dtype_normalisation():
         assert o.dtype == torch.float32 and o.device == images.device
         raw = o * STD + MEAN
         assert raw.min() > -1e-5 and raw.max() < 1 + 1e-5  # normalised [0, 1] images
+    floats = MultiCrop(SMALL)(images.float() / 255, seed=0)  # float input in [0, 1] is accepted
+    assert all(torch.equal(a, b) for a, b in zip(out, floats))
 
 
 def test_grayscale_input_gives_rgb_outputs():
