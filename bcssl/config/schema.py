@@ -30,8 +30,10 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = "bcssl_t"
-    kernel_size: Any = 9  # int or one per stage
-    dw_norm: str = "bn+ln"  # bn+ln (paper) | ln (vanilla ConvNeXt) | bn
+    # None = the model's own default: 9 and bn+ln (BN after DW, the paper) for bcssl_*, 7 and ln for
+    # convnext_t; ResNet/ViT/Swin have no depthwise conv and take neither.
+    kernel_size: Any = None  # int or one per stage
+    dw_norm: Optional[str] = None  # bn+ln (paper) | ln (vanilla ConvNeXt) | bn
     stem_stride: int = 4
     drop_path_rate: float = 0.1  # student only; DINO builds the teacher without drop path
     depths: Optional[List[int]] = None  # override the variant's (tiny custom models)

@@ -4,21 +4,20 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from bcssl.models import create_backbone
 
 
 def backbone_from_config(model_cfg, **overrides) -> nn.Module:
-    """Build ``model.*`` from a config; ``overrides`` (e.g. ``drop_path_rate=0``) win."""
-    kw = dict(kernel_size=model_cfg.kernel_size, dw_norm=model_cfg.dw_norm,
-              stem_stride=model_cfg.stem_stride, drop_path_rate=model_cfg.drop_path_rate)
-    if model_cfg.get("depths") is not None:
-        kw["depths"] = tuple(model_cfg.depths)
-    if model_cfg.get("dims") is not None:
-        kw["dims"] = tuple(model_cfg.dims)
-    if not isinstance(kw["kernel_size"], int):
-        kw["kernel_size"] = tuple(kw["kernel_size"])
+    """Build ``model.*`` from a config; ``overrides`` (e.g. ``drop_path_rate=0``) win. Keys left
+    at None are not passed, so each model keeps its own default."""
+    kw = {}
+    for key in ("kernel_size", "dw_norm", "stem_stride", "drop_path_rate", "depths", "dims"):
+        value = model_cfg.get(key)
+        if value is not None:
+            kw[key] = tuple(value) if OmegaConf.is_list(value) else value
     kw.update(overrides)
     return create_backbone(model_cfg.name, **kw)
 

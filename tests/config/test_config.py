@@ -1,12 +1,21 @@
 """Config loading: presets, overrides, unknown keys, validation."""
 import pytest
+import torch
 
 from bcssl.config import ConfigError, list_presets, load_config
 
 
 def test_defaults_follow_the_paper_recipe():
     cfg = load_config()
-    assert cfg.model.kernel_size == 9 and cfg.model.dw_norm == "bn+ln"
+    from bcssl.methods.base import backbone_from_config
+
+    with torch.device("meta"):
+        net = backbone_from_config(cfg.model)  # bcssl_t with its own defaults: k9, BN after DW
+    assert net.kernel_sizes == (9, 9, 9, 9) and net.dw_norm == "bn+ln"
+    with torch.device("meta"):
+        vanilla = backbone_from_config(load_config(None, ["model.name=convnext_t"]).model)
+        resnet = backbone_from_config(load_config(None, ["model.name=resnet50"]).model)
+    assert vanilla.num_features == 768 and resnet.num_features == 2048
     assert cfg.method.norm_last_layer is False and cfg.method.out_dim == 65536
     assert (cfg.method.warmup_teacher_temp, cfg.method.teacher_temp) == (0.04, 0.07)
     assert (cfg.train.weight_decay, cfg.train.weight_decay_end, cfg.train.clip_grad) == (0.04, 0.4, 3.0)
