@@ -5,15 +5,18 @@
   (c) the usual reference pipeline: per-image torchvision/PIL multi-crop (DINO's
       DataAugmentationDINO) in DataLoader workers -> the same DINO step, same crops and batch
 
+The three are measured in interleaved rounds and each reports its median.
+
 Goals (issue 3): (a) >= 90% of (b) and (a) >= 1.2x (c) on CPU.
 
     python benchmarks/train_throughput.py                     # demo_fmnist model and crops
-    python benchmarks/train_throughput.py --steps 20 --workers 2 --amp bf16
+    python benchmarks/train_throughput.py --steps 6 --rounds 5 --workers 2 --amp bf16
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import os
 import sys
 import time
@@ -60,20 +63,31 @@ def make_step(method, cfg, memory_format, autocast):
     return step
 
 
-def timed(fn, batches, warmup: int, steps: int, batch_size: int) -> float:
-    it = iter(batches)
-    for i in range(warmup):
-        fn(next(it), i)
+def timed(fn, it, steps: int, batch_size: int, step0: int) -> float:
     t = time.perf_counter()
     for i in range(steps):
-        fn(next(it), warmup + i)
+        fn(next(it), step0 + i)
     return steps * batch_size / (time.perf_counter() - t)
+
+
+def interleaved(pipelines: dict, warmup: int, steps: int, rounds: int, batch_size: int) -> dict:
+    """Warm every pipeline up, then measure them in turns (a, b, c, a, b, c, ...) and keep each
+    one's median: load from other processes then hits all three alike."""
+    for name, (fn, it) in pipelines.items():
+        for i in range(warmup):
+            fn(next(it), i)
+    rates: dict = {name: [] for name in pipelines}
+    for r in range(rounds):
+        for name, (fn, it) in pipelines.items():
+            rates[name].append(timed(fn, it, steps, batch_size, warmup + r * steps))
+    return {name: statistics.median(v) for name, v in rates.items()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="demo_fmnist")
-    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=4, help="steps per measurement")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=None, help="default: the preset's train.batch_size")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the PIL reference")
@@ -94,7 +108,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    B, n = cfg.train.batch_size, args.warmup + args.steps
+    B, n = cfg.train.batch_size, args.warmup + args.steps * args.rounds
     mf = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16)
                 if cfg.train.amp != "none" else torch.autocast(device.type, enabled=False))
@@ -107,23 +121,21 @@ def main() -> None:
         torch.manual_seed(0)
         return build_method(cfg).to(device=device, memory_format=mf).train()
 
-    # (a) end to end
+    # (a) end to end: uint8 batches -> multi-crop on the device -> step
     step_a = make_step(fresh_method(), cfg, mf, autocast)
-    a = timed(lambda batch, i: step_a(multicrop(batch[0].to(device), step_seed(0, i)), i),
-              loader.epoch(0), args.warmup, args.steps, B)
+    run_a = (lambda batch, i: step_a(multicrop(batch[0].to(device), step_seed(0, i)), i), loader.epoch(0))
     # (b) model alone: the same crops, made before the clock starts
     pre = [multicrop(batch[0].to(device), step_seed(0, i)) for i, batch in enumerate(loader.epoch(0))]
-    step_b = make_step(fresh_method(), cfg, mf, autocast)
-    b = timed(step_b, pre, args.warmup, args.steps, B)
-    del pre
+    run_b = (make_step(fresh_method(), cfg, mf, autocast), iter(pre))
     # (c) reference: PIL multi-crop per image in DataLoader workers
     images = torch.cat([x for x, _ in loader.epoch(0)])
     ref = torch.utils.data.DataLoader(PILDataset(images, DataAugmentationDINO(multicrop.cfg)), batch_size=B,
-                                      num_workers=args.workers, drop_last=True, persistent_workers=False,
+                                      num_workers=args.workers, drop_last=True, persistent_workers=args.workers > 0,
                                       pin_memory=device.type == "cuda")
     step_c = make_step(fresh_method(), cfg, mf, autocast)
-    c = timed(lambda crops, i: step_c([x.to(device, non_blocking=True) for x in crops], i),
-              ref, args.warmup, args.steps, B)
+    run_c = (lambda crops, i: step_c([x.to(device, non_blocking=True) for x in crops], i), iter(ref))
+    rates = interleaved({"a": run_a, "b": run_b, "c": run_c}, args.warmup, args.steps, args.rounds, B)
+    a, b, c = rates["a"], rates["b"], rates["c"]
 
     result = {"device": str(device), "threads": torch.get_num_threads(), "batch": B, "amp": cfg.train.amp,
               "channels_last": cfg.train.channels_last, "model": cfg.model.name,

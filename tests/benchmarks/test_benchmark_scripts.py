@@ -11,7 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def test_train_throughput_prints_ratios(tiny_fmnist):
     out = subprocess.run(
-        [sys.executable, os.path.join(REPO, "benchmarks", "train_throughput.py"), "--steps", "1", "--warmup", "1",
+        [sys.executable, os.path.join(REPO, "benchmarks", "train_throughput.py"), "--steps", "1", "--rounds", "1", "--warmup", "1",
          "--batch", "8", "--workers", "0", "--threads", "1", "--json", f"data.root={tiny_fmnist}",
          *TINY_MODEL, *TINY_HEAD, *TINY_CROPS],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
