@@ -611,6 +611,11 @@ def _cam_section(runs: Sequence[RunData], out_dir: Path, fig_dir: Path) -> list[
         if len(runs) > 1:
             lines += [f"### {r.label}", ""]
         lines.append(f"![CAM {r.name}]({rel})")
+        if r.cam:
+            info = [f"{k}: {v}" for k, v in r.cam.items()
+                    if isinstance(v, (str, int, float, bool)) and k not in ("run_dir", "path", "png", "json")]
+            if info:
+                lines += ["", "*" + "; ".join(_esc(i) for i in info[:8]) + "*"]
         if r.cam and isinstance(r.cam.get("cam_area_mean"), dict):
             thr = r.cam.get("area_threshold", 0.5)
             lines += ["", f"| row | mean CAM area (fraction of the image above {thr}) |", "|---|---|"]
