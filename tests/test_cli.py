@@ -96,3 +96,29 @@ def test_bench_throughput_json(capsys):
     assert {r["fold_bn"] for r in rows} == {True, False} and all(r["img_per_s"] > 0 for r in rows)
     assert main(["bench", "throughput", "--models", "bcssl_tt"]) != 0
     assert "bcssl_t" in capsys.readouterr().err
+
+
+def test_every_eval_command_on_a_tiny_image_folder(tmp_path, capsys):
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for c, colour in (("n01", (200, 30, 30)), ("n02", (30, 30, 200))):
+            d = tmp_path / "folder" / split / c
+            d.mkdir(parents=True)
+            for i in range(8):
+                Image.new("RGB", (40 + i, 36), tuple(max(0, v - 10 * i) for v in colour)).save(d / f"{i}.png")
+    run = ["--config", "demo_fmnist", "data.name=image_folder", f"data.root={tmp_path / 'folder'}",
+           "data.eval_split=val", "data.load_size=36", f"run.dir={tmp_path}", "run.name=if", *FAST,
+           "train.batch_size=8"]
+    assert main(["pretrain", *run]) == 0
+    r = f"{tmp_path}/if"
+    assert main(["eval", "knn", r, "--json"]) == 0
+    assert 0 <= last_json(capsys.readouterr().out)["knn_top1"] <= 100
+    assert main(["eval", "linear", r, "linear.epochs=2", "--json"]) == 0
+    assert last_json(capsys.readouterr().out)["num_classes"] == 2
+    assert main(["eval", "robustness", r]) != 0  # on-the-fly corruptions need an in-memory set
+    assert "--kind imagenet_c" in capsys.readouterr().err
+    assert main(["viz", "cam", r, "--images", str(tmp_path / "folder" / "val" / "n01"), "--json"]) == 0
+    assert last_json(capsys.readouterr().out)["n_images"] == 8
+    assert main(["report", r]) == 0
+    assert (tmp_path / "if" / "figures" / "loss.png").exists()
