@@ -66,15 +66,20 @@ def _load_one(path: Path, map_location) -> dict:
 
 def load(path: str | os.PathLike, map_location="cpu") -> dict:
     """Load ``path``; if it is unreadable, warn and use ``<name>.prev.pt`` when that one is good."""
+    return load_with_source(path, map_location)[0]
+
+
+def load_with_source(path: str | os.PathLike, map_location="cpu") -> tuple[dict, Path]:
+    """:func:`load`, also returning the file the state came from (``path`` or its ``.prev.pt``)."""
     path = Path(path)
     try:
-        return _load_one(path, map_location)
+        return _load_one(path, map_location), path
     except CheckpointError as err:
         prev = prev_path(path)
         if not prev.exists():
             raise
-        warnings.warn(f"{err}; resuming from the previous checkpoint {prev}", stacklevel=2)
-        return _load_one(prev, map_location)
+        warnings.warn(f"{err}; using the previous checkpoint {prev}", stacklevel=3)
+        return _load_one(prev, map_location), prev
 
 
 def latest(run_dir: str | os.PathLike, name: str = "checkpoint.pt") -> Path | None:

@@ -115,8 +115,8 @@ class LoadedRun:
 def _load_checkpoint_consistently(path: Path, retries: int = 5) -> tuple[dict, Path, str]:
     """``(state, file loaded, sha256 of that file)``.
 
-    ``checkpoint.load`` falls back to ``<name>.prev.pt`` when the latest file is unreadable; the
-    file actually used is the one it warned about. The trainer replaces checkpoints atomically
+    ``checkpoint.load_with_source`` falls back to ``<name>.prev.pt`` when the latest file is
+    unreadable and says which file it used. The trainer replaces checkpoints atomically
     (new inode), so the digest belongs to the loaded weights when the file's inode, size and
     mtime are the same before loading and while hashing; otherwise a save raced us: retry.
     """
@@ -130,10 +130,7 @@ def _load_checkpoint_consistently(path: Path, retries: int = 5) -> tuple[dict, P
                 before[p] = _stat_key(os.stat(p))
             except FileNotFoundError:
                 pass
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            state = ckpt.load(path)
-        used = prev if any(str(prev) in str(w.message) for w in caught) else path
+        state, used = ckpt.load_with_source(path)
         try:
             with open(used, "rb") as f:
                 now = _stat_key(os.fstat(f.fileno()))
@@ -141,8 +138,6 @@ def _load_checkpoint_consistently(path: Path, retries: int = 5) -> tuple[dict, P
         except FileNotFoundError:
             continue
         if before.get(used) == now:
-            for w in caught:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
             return state, used, digest
     raise RuntimeError(f"checkpoint {path} kept changing while it was loaded ({retries} tries); "
                        "evaluate once the training process has written it")

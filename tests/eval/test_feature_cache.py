@@ -157,20 +157,20 @@ def test_load_run_retries_when_a_save_races_the_load(tmp_path, tiny_fmnist, monk
     cfg = tiny_config(tmp_path, tiny_fmnist, "train.epochs=1", "eval.final_knn=false")
     run = train(cfg).run_dir
     path = ckpt.latest(run)
-    real_load = ckpt.load
-    newer = real_load(path)
+    real_load = ckpt.load_with_source
+    newer = ckpt.load(path)
     key = next(k for k, v in newer["method"].items() if k.startswith("teacher.backbone.") and v.is_floating_point())
     newer["method"][key] = newer["method"][key] + 1.0
     calls = []
 
     def racing_load(p, *a, **kw):  # the trainer writes a new checkpoint right after we read the old one
-        state = real_load(p, *a, **kw)
+        out = real_load(p, *a, **kw)
         if not calls:
             ckpt.save(newer, path)
         calls.append(p)
-        return state
+        return out
 
-    monkeypatch.setattr(ckpt, "load", racing_load)
+    monkeypatch.setattr(ckpt, "load_with_source", racing_load)
     loaded = load_run(run)
     assert len(calls) == 2  # retried
     assert loaded.checkpoint_sha256 == file_sha256(path)  # digest of the file the weights came from
