@@ -71,15 +71,20 @@ def timed(fn, it, steps: int, batch_size: int, step0: int) -> float:
 
 
 def interleaved(pipelines: dict, warmup: int, steps: int, rounds: int, batch_size: int) -> dict:
-    """Warm every pipeline up, then measure them in turns (a, b, c, a, b, c, ...) and keep each
-    one's median: load from other processes then hits all three alike."""
-    for name, (fn, it) in pipelines.items():
-        for i in range(warmup):
-            fn(next(it), i)
+    """Measure the pipelines in turns (a, b, c, a, b, c, ...) and keep each one's median, so load
+    from other processes hits all alike. ``pipelines[name] = (step_fn, make_iter)``; each round
+    opens a fresh iterator and runs ``warmup`` untimed steps first, so DataLoader workers are
+    started before the clock and shut down after it (they never run during another pipeline's turn).
+    """
     rates: dict = {name: [] for name in pipelines}
     for r in range(rounds):
-        for name, (fn, it) in pipelines.items():
-            rates[name].append(timed(fn, it, steps, batch_size, warmup + r * steps))
+        for name, (fn, make_iter) in pipelines.items():
+            it = make_iter()
+            step0 = r * (warmup + steps)
+            for i in range(warmup):
+                fn(next(it), step0 + i)
+            rates[name].append(timed(fn, it, steps, batch_size, step0 + warmup))
+            del it
     return {name: statistics.median(v) for name, v in rates.items()}
 
 
@@ -88,7 +93,7 @@ def main() -> None:
     ap.add_argument("--config", default="demo_fmnist")
     ap.add_argument("--steps", type=int, default=4, help="steps per measurement")
     ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians are reported")
-    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of every measurement")
     ap.add_argument("--batch", type=int, default=None, help="default: the preset's train.batch_size")
     ap.add_argument("--workers", type=int, default=2, help="DataLoader workers of the PIL reference")
     ap.add_argument("--threads", type=int, default=None)
@@ -108,7 +113,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    B, n = cfg.train.batch_size, args.warmup + args.steps * args.rounds
+    B, n = cfg.train.batch_size, args.warmup + args.steps
     mf = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16)
                 if cfg.train.amp != "none" else torch.autocast(device.type, enabled=False))
@@ -123,17 +128,17 @@ def main() -> None:
 
     # (a) end to end: uint8 batches -> multi-crop on the device -> step
     step_a = make_step(fresh_method(), cfg, mf, autocast)
-    run_a = (lambda batch, i: step_a(multicrop(batch[0].to(device), step_seed(0, i)), i), loader.epoch(0))
+    run_a = (lambda batch, i: step_a(multicrop(batch[0].to(device), step_seed(0, i)), i), lambda: loader.epoch(0))
     # (b) model alone: the same crops, made before the clock starts
     pre = [multicrop(batch[0].to(device), step_seed(0, i)) for i, batch in enumerate(loader.epoch(0))]
-    run_b = (make_step(fresh_method(), cfg, mf, autocast), iter(pre))
+    run_b = (make_step(fresh_method(), cfg, mf, autocast), lambda: iter(pre))
     # (c) reference: PIL multi-crop per image in DataLoader workers
     images = torch.cat([x for x, _ in loader.epoch(0)])
     ref = torch.utils.data.DataLoader(PILDataset(images, DataAugmentationDINO(multicrop.cfg)), batch_size=B,
-                                      num_workers=args.workers, drop_last=True, persistent_workers=args.workers > 0,
+                                      num_workers=args.workers, drop_last=True, persistent_workers=False,
                                       pin_memory=device.type == "cuda")
     step_c = make_step(fresh_method(), cfg, mf, autocast)
-    run_c = (lambda crops, i: step_c([x.to(device, non_blocking=True) for x in crops], i), iter(ref))
+    run_c = (lambda crops, i: step_c([x.to(device, non_blocking=True) for x in crops], i), lambda: iter(ref))
     rates = interleaved({"a": run_a, "b": run_b, "c": run_c}, args.warmup, args.steps, args.rounds, B)
     a, b, c = rates["a"], rates["b"], rates["c"]
 

@@ -38,6 +38,8 @@ class ModelConfig:
     drop_path_rate: float = 0.1  # student only; DINO builds the teacher without drop path
     depths: Optional[List[int]] = None  # override the variant's (tiny custom models)
     dims: Optional[List[int]] = None
+    # MoCo v3's random patch projection (vit_s16 only): patch embedding frozen at its random init.
+    random_patch_projection: bool = False
 
 
 @dataclass
@@ -56,6 +58,12 @@ class MethodConfig:
     center_momentum: float = 0.9
     momentum_teacher: float = 0.996  # cosine -> 1
     freeze_last_layer: int = 1  # epochs during which the head's last layer gets no update
+    # BYOL / MoCo v3 (methods/byol.py, methods/moco_v3.py); momentum_teacher is their EMA base
+    # (0.99 in MoCo v3 and the paper's BYOL/CARE recipes: presets set it).
+    proj_hidden_dim: int = 4096  # hidden width of the projector and predictor MLPs
+    proj_dim: int = 256  # projector / predictor output
+    moco_proj_layers: Optional[int] = None  # MoCo v3 projector depth; None: 3 for ViT, 2 for CNNs
+    moco_temperature: float = 1.0  # MoCo v3 InfoNCE temperature: 1.0 for CNNs, 0.2 for ViT
 
 
 @dataclass
@@ -85,6 +93,8 @@ class TrainConfig:
     warmup_epochs: int = 10
     weight_decay: float = 0.04
     weight_decay_end: float = 0.4
+    optimizer: str = "adamw"  # adamw | lars (MoCo v3 / BYOL ResNet recipes) | sgd (engine/optim.py)
+    momentum: float = 0.9  # lars / sgd momentum
     clip_grad: float = 3.0  # per-parameter gradient-norm clip (DINO); 0 disables
     amp: str = "none"  # none | bf16 | fp16 (fp16 uses a grad scaler, CUDA only)
     channels_last: bool = True

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from bcssl.data import BatchLoader, build_dataset
 from bcssl.data.multicrop import MultiCrop, MultiCropConfig
 from bcssl.engine import checkpoint as ckpt
+from bcssl.engine.optim import build_optimizer
 from bcssl.engine.run_dir import MetricsLog, run_dir_of, save_config
 from bcssl.engine.schedules import cosine_schedule
 from bcssl.methods import SSLMethod, create_method
@@ -122,8 +123,12 @@ def train(cfg: DictConfig, *, knn_eval=None) -> TrainResult:
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     method.to(device=device, memory_format=memory_format)
     multicrop = multicrop_from_config(cfg.crops)
-    optimizer = torch.optim.AdamW(param_groups(method.student), lr=base_lr, weight_decay=cfg.train.weight_decay,
-                                  fused=device.type == "cuda")
+    try:
+        optimizer = build_optimizer(cfg.train.optimizer, param_groups(method.student), lr=base_lr,
+                                    weight_decay=cfg.train.weight_decay, momentum=cfg.train.momentum,
+                                    fused=device.type == "cuda")
+    except ValueError as e:
+        raise TrainingError(f"train.optimizer: {e}") from None
     amp = cfg.train.amp
     if amp == "fp16" and device.type != "cuda":
         raise TrainingError("train.amp=fp16 needs a CUDA device; use train.amp=bf16 or none on CPU")

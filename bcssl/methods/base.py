@@ -18,8 +18,16 @@ def backbone_from_config(model_cfg, **overrides) -> nn.Module:
         value = model_cfg.get(key)
         if value is not None:
             kw[key] = tuple(value) if OmegaConf.is_list(value) else value
+    if model_cfg.get("random_patch_projection"):  # MoCo v3's frozen random patch embedding (ViT only)
+        kw["random_patch_projection"] = True
     kw.update(overrides)
-    return create_backbone(model_cfg.name, **kw)
+    try:
+        return create_backbone(model_cfg.name, **kw)
+    except TypeError as e:
+        if kw.get("random_patch_projection") and "random_patch_projection" in str(e):
+            raise ValueError(f"model.random_patch_projection=true needs a ViT backbone (vit_s16); "
+                             f"model.name={model_cfg.name} has no patch embedding") from None
+        raise
 
 
 class MultiCropWrapper(nn.Module):

@@ -1,0 +1,135 @@
+"""MoCo v3 (Chen, Xie & He, 2021) as in facebookresearch/moco-v3 (``moco/builder.py``).
+
+Every detail is in this file:
+
+- base encoder = backbone + projector; momentum encoder = EMA copy of it (parameters only, no
+  gradients, train mode); predictor on the base side only.
+- heads: ``build_mlp(num_layers, in, 4096, 256, last_bn)`` = [Linear(no bias) -> BN -> ReLU] x
+  (num_layers - 1) -> Linear(no bias) (-> BN(affine=False) if last_bn). Projector: last_bn=True,
+  2 layers for CNNs (ResNet / ConvNeXt / BC-SSL: ``MoCo_ResNet``), 3 for ViT (``MoCo_ViT``);
+  ``method.moco_proj_layers`` overrides. Predictor: 2 layers 256 -> 4096 -> 256, last_bn=False
+  for CNNs and True for ViT (``MoCo_ViT`` calls ``_build_mlp(2, dim, mlp_dim, dim)`` with the
+  default last_bn=True). Widths: ``method.proj_hidden_dim`` / ``method.proj_dim``.
+- loss ``ctr(q1, k2) + ctr(q2, k1)`` with
+  ``ctr(q, k) = CE(normalize(q) @ all_gather(normalize(k))^T / T, arange(N) + N * rank) * 2T``:
+  the keys of every process are the negatives (all-gather, no gradient); the positive of query i
+  of rank r is key ``N r + i``. T = ``method.moco_temperature`` (1.0 CNNs, 0.2 ViT).
+- momentum m: ``1 - 0.5 (1 + cos(pi t / T)) (1 - m0)`` per step (``--moco-m-cos``), m0 =
+  ``method.momentum_teacher`` (0.99). moco-v3 applies the update at the start of step t (before
+  computing the keys) with m_t; here ``after_step(t)`` applies m_t right after the optimiser
+  step t, i.e. the same update one schedule step earlier.
+- each view goes through the encoders on its own (BN batch statistics per view), as in
+  ``MoCo.forward``.
+- random patch projection (ViT): ``model.random_patch_projection=true`` builds the backbone with
+  its patch embedding frozen at a random xavier-uniform init (``vit_s16``; moco-v3's
+  ``--stop-grad-conv1``); the momentum encoder copies it, so it stays equal.
+- evaluation uses the base encoder's backbone (``main_lincls.py`` loads ``module.base_encoder``).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from bcssl.engine.schedules import cosine_schedule
+from bcssl.methods.base import SSLMethod, backbone_from_config, ema_update
+from bcssl.methods.byol import Encoder, OnlineNetwork, representation_stats, warn_unused_crops
+
+
+def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = True) -> nn.Sequential:
+    """moco-v3's ``_build_mlp``: Linear(no bias)-BN-ReLU blocks, a last Linear(no bias), and
+    (``last_bn``) a BN without affine parameters (SimCLR's design, gamma removed)."""
+    layers: list[nn.Module] = []
+    for i in range(num_layers):
+        dim1 = input_dim if i == 0 else mlp_dim
+        dim2 = output_dim if i == num_layers - 1 else mlp_dim
+        layers.append(nn.Linear(dim1, dim2, bias=False))
+        if i < num_layers - 1:
+            layers += [nn.BatchNorm1d(dim2), nn.ReLU(inplace=True)]
+        elif last_bn:
+            layers.append(nn.BatchNorm1d(dim2, affine=False))
+    return nn.Sequential(*layers)
+
+
+# --- distributed helpers (module level so tests can fake a rank) -----------------------------------
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+@torch.no_grad()
+def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensors of all processes concatenated in rank order (no gradient flows back through
+    ``all_gather``); a single process gets its own tensor."""
+    if not _distributed() or dist.get_world_size() == 1:
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``ctr(q, k) = CE(q_n k_n^T / T, arange(N) + N rank) * 2T`` over all processes' keys."""
+    q = F.normalize(q.float(), dim=1)
+    k = F.normalize(k.detach().float(), dim=1)
+    k = concat_all_gather(k)
+    logits = q @ k.t() / temperature
+    n = logits.shape[0]  # batch size of this process
+    labels = torch.arange(n, dtype=torch.long, device=q.device) + n * get_rank()
+    return F.cross_entropy(logits, labels) * (2 * temperature)
+
+
+def moco_v3_loss(q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor,
+                 temperature: float) -> torch.Tensor:
+    """Symmetrised: ``ctr(q1, k2) + ctr(q2, k1)``."""
+    return contrastive_loss(q1, k2, temperature) + contrastive_loss(q2, k1, temperature)
+
+
+class MoCoV3(SSLMethod):
+    """Base encoder + predictor (``student``) against the momentum encoder's keys (``teacher``)."""
+
+    def __init__(self, model_cfg, method_cfg):
+        super().__init__()
+        m = method_cfg
+        self.cfg = m
+        self.temperature = float(m.moco_temperature)
+        backbone = backbone_from_config(model_cfg)
+        is_vit = getattr(backbone, "family", None) == "vit"
+        proj_layers = m.moco_proj_layers or (3 if is_vit else 2)
+        projector = build_mlp(proj_layers, backbone.num_features, m.proj_hidden_dim, m.proj_dim, last_bn=True)
+        predictor = build_mlp(2, m.proj_dim, m.proj_hidden_dim, m.proj_dim, last_bn=is_vit)
+        encoder = Encoder(backbone, projector)
+        self.student = OnlineNetwork(encoder, predictor)
+        # Momentum encoder: built without stochastic depth, then given the base encoder's weights.
+        self.teacher = Encoder(backbone_from_config(model_cfg, drop_path_rate=0.0), copy.deepcopy(projector))
+        self.teacher.load_state_dict(encoder.state_dict())
+        for p in self.teacher.parameters():
+            p.requires_grad_(False)
+        self.steps_per_epoch, self.epochs = 1, 1
+
+    def momentum(self, step: int) -> float:
+        """m = 1 - 0.5 (1 + cos(pi step / total)) (1 - m0) (moco-v3's ``adjust_moco_momentum``)."""
+        return cosine_schedule(step, self.steps_per_epoch * self.epochs, self.cfg.momentum_teacher, 1.0)
+
+    def loss(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
+        warn_unused_crops(crops)
+        x1, x2 = crops[0], crops[1]
+        z1, q1 = self.student(x1)
+        _, q2 = self.student(x2)
+        with torch.no_grad():  # the momentum encoder: train mode, no gradients
+            k1 = self.teacher(x1)
+            k2 = self.teacher(x2)
+        loss = moco_v3_loss(q1, q2, k1, k2, self.temperature)
+        return loss, {"momentum": self.momentum(step), **representation_stats(z1, k1, k2)}
+
+    def after_step(self, step: int) -> None:
+        ema_update(self.teacher.parameters(), self.student.encoder.parameters(), self.momentum(step))
+
+    def eval_backbone(self) -> nn.Module:
+        return self.student.encoder.backbone
