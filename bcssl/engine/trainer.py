@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf

@@ -384,7 +384,7 @@ def linear_probe(run_dir: str | os.PathLike, overrides: Sequence[str] = (), devi
 
     sets = {split: build_dataset(d.name, root=d.root, split=split, download=d.download, load_size=d.load_size)
             for split in dict.fromkeys((d.split, d.eval_split))}
-    train_set, test_set = sets[d.split], sets[d.eval_split]
+    train_set = sets[d.split]
     num_classes = int(train_set.num_classes)
     pin = device.type == "cuda"
     extract = dict(size=c.global_size, mean=tuple(c.mean), std=tuple(c.std), device=device, amp=cfg.train.amp,

@@ -7,7 +7,6 @@ after the loss), teacher temperature warm-up, the EMA teacher (parameters only, 
 """
 from __future__ import annotations
 
-import copy
 import math
 
 import torch

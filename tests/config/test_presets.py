@@ -1,6 +1,5 @@
 """Every paper preset builds its model and trains two steps on a tiny fake ImageFolder."""
 import pytest
-import torch
 from PIL import Image
 
 from bcssl.config import load_config

@@ -1,6 +1,5 @@
 """Atomic writes, safe loads, fallback to the previous good checkpoint."""
 import os
-import warnings
 
 import pytest
 import torch

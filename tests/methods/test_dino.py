@@ -5,7 +5,6 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bcssl.config import load_config
 from bcssl.methods import DINO, DINOLoss, create_method
