@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.bcssl-installed
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo demo-long test install data bench clean-runs
+.PHONY: demo demo-long test lint install data bench clean-runs
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
@@ -26,6 +26,9 @@ demo-long: install data
 
 test: install data
 	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check --select F,E9 --line-length 120 bcssl benchmarks tests
 
 bench: install data
 	$(PY) benchmarks/train_throughput.py
