@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from bcssl.engine.schedules import cosine_schedule
 from bcssl.models import create_backbone
 
 
@@ -59,6 +60,15 @@ def ema_update(target: Iterable[nn.Parameter], source: Iterable[nn.Parameter], m
     torch._foreach_add_(t, s, alpha=1.0 - momentum)
 
 
+def frozen_copy(target: nn.Module, source: nn.Module) -> nn.Module:
+    """Give ``target`` the weights of ``source`` and no gradients: how every EMA network
+    (DINO's teacher, BYOL's target, MoCo's momentum encoder) starts."""
+    target.load_state_dict(source.state_dict())
+    for p in target.parameters():
+        p.requires_grad_(False)
+    return target
+
+
 class SSLMethod(nn.Module):
     """Base class: a method owns its networks, its loss and its own schedules (EMA momentum,
     temperatures); the trainer owns the optimiser, lr/wd schedules, AMP and checkpoints.
@@ -73,6 +83,12 @@ class SSLMethod(nn.Module):
         """Called once by the trainer before training so schedules know the run length."""
         self.steps_per_epoch = steps_per_epoch
         self.epochs = epochs
+
+    def momentum(self, step: int) -> float:
+        """EMA momentum of the teacher/target network: cosine from ``method.momentum_teacher``
+        to 1 over all steps (DINO's ``cosine_scheduler``, BYOL's ``target_ema``, MoCo v3's
+        ``adjust_moco_momentum``: the same formula)."""
+        return cosine_schedule(step, self.steps_per_epoch * self.epochs, self.cfg.momentum_teacher, 1.0)
 
     def loss(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError

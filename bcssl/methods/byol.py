@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bcssl.engine.schedules import cosine_schedule
-from bcssl.methods.base import SSLMethod, backbone_from_config, ema_update
+from bcssl.methods.base import SSLMethod, backbone_from_config, ema_update, frozen_copy
 
 
 log = logging.getLogger("bcssl")
@@ -125,14 +124,8 @@ class BYOL(SSLMethod):
         # The target: backbone + projector built without stochastic depth (as DINO's teacher),
         # then given the online weights.
         self.teacher = Encoder(backbone_from_config(model_cfg, drop_path_rate=0.0), copy.deepcopy(encoder.projector))
-        self.teacher.load_state_dict(encoder.state_dict())
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        frozen_copy(self.teacher, encoder)
         self.steps_per_epoch, self.epochs = 1, 1
-
-    def momentum(self, step: int) -> float:
-        """tau = 1 - (1 - tau_base)(cos(pi step / total) + 1) / 2 (BYOL's ``target_ema``)."""
-        return cosine_schedule(step, self.steps_per_epoch * self.epochs, self.cfg.momentum_teacher, 1.0)
 
     def loss(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
         warn_unused_crops(crops)

@@ -14,8 +14,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from bcssl.engine.schedules import cosine_schedule, teacher_temperature
-from bcssl.methods.base import MultiCropWrapper, SSLMethod, backbone_from_config, ema_update
+from bcssl.engine.schedules import teacher_temperature
+from bcssl.methods.base import MultiCropWrapper, SSLMethod, backbone_from_config, ema_update, frozen_copy
 from bcssl.models.heads import DINOHead
 
 
@@ -75,9 +75,7 @@ class DINO(SSLMethod):
 
         self.student = MultiCropWrapper(student_backbone, head())
         self.teacher = MultiCropWrapper(teacher_backbone, head())
-        self.teacher.load_state_dict(self.student.state_dict())
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        frozen_copy(self.teacher, self.student)
         self.dino_loss = DINOLoss(m.out_dim, m.student_temp, m.center_momentum)
         self.steps_per_epoch, self.epochs = 1, 1
 
@@ -86,9 +84,6 @@ class DINO(SSLMethod):
         epoch = step // self.steps_per_epoch
         return teacher_temperature(epoch, self.cfg.warmup_teacher_temp, self.cfg.teacher_temp,
                                    self.cfg.warmup_teacher_temp_epochs)
-
-    def momentum(self, step: int) -> float:
-        return cosine_schedule(step, self.steps_per_epoch * self.epochs, self.cfg.momentum_teacher, 1.0)
 
     # --- training --------------------------------------------------------------------------
     def loss(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:

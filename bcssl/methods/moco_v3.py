@@ -34,8 +34,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from bcssl.engine.schedules import cosine_schedule
-from bcssl.methods.base import SSLMethod, backbone_from_config, ema_update
+from bcssl.methods.base import SSLMethod, backbone_from_config, ema_update, frozen_copy
 from bcssl.methods.byol import Encoder, OnlineNetwork, representation_stats, warn_unused_crops
 
 
@@ -108,14 +107,8 @@ class MoCoV3(SSLMethod):
         self.student = OnlineNetwork(encoder, predictor)
         # Momentum encoder: built without stochastic depth, then given the base encoder's weights.
         self.teacher = Encoder(backbone_from_config(model_cfg, drop_path_rate=0.0), copy.deepcopy(projector))
-        self.teacher.load_state_dict(encoder.state_dict())
-        for p in self.teacher.parameters():
-            p.requires_grad_(False)
+        frozen_copy(self.teacher, encoder)
         self.steps_per_epoch, self.epochs = 1, 1
-
-    def momentum(self, step: int) -> float:
-        """m = 1 - 0.5 (1 + cos(pi step / total)) (1 - m0) (moco-v3's ``adjust_moco_momentum``)."""
-        return cosine_schedule(step, self.steps_per_epoch * self.epochs, self.cfg.momentum_teacher, 1.0)
 
     def loss(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
         warn_unused_crops(crops)
