@@ -158,7 +158,7 @@ def train(cfg: DictConfig, *, knn_eval=None) -> TrainResult:
 
     # --- train --------------------------------------------------------------------------------
     method.train()
-    nonfinite_streak = 0
+    nonfinite_streak, collapse_warned = 0, False
     step = start_step
     for epoch in range(start_step // steps_per_epoch, epochs):
         first = step % steps_per_epoch if epoch == start_step // steps_per_epoch else 0
@@ -216,8 +216,15 @@ def train(cfg: DictConfig, *, knn_eval=None) -> TrainResult:
                 values = {"loss": loss.item(), "lr": lr, "wd": wd, "imgs_per_s": n_log / max(dt, 1e-9),
                           **{k: float(v) for k, v in logs.items()}}
                 metrics.write("train", step, epoch=step / steps_per_epoch, **values)
-                bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{values['imgs_per_s']:.0f}",
-                                refresh=False)
+                postfix = dict(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{values['imgs_per_s']:.0f}")
+                warning = method.collapse_warning(values)
+                if warning:
+                    postfix["WARN"] = "collapsing"
+                    metrics.write("collapse", step, epoch=step / steps_per_epoch, message=warning)
+                    if not collapse_warned:
+                        log.warning("step %d: %s", step, warning)
+                        collapse_warned = True
+                bar.set_postfix(refresh=False, **postfix)
                 t_log, n_log = time.perf_counter(), 0
             if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0 \
                     and step % steps_per_epoch:

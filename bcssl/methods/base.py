@@ -90,6 +90,12 @@ class SSLMethod(nn.Module):
         ``adjust_moco_momentum``: the same formula)."""
         return cosine_schedule(step, self.steps_per_epoch * self.epochs, self.cfg.momentum_teacher, 1.0)
 
+    def collapse_warning(self, logs: dict) -> str | None:
+        """A one-line warning when the logged statistics (floats) say the run is collapsing,
+        else None. The trainer checks it on every log step and shows it in the log, the
+        progress bar and metrics.jsonl (kind ``collapse``)."""
+        return None
+
     def loss(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 

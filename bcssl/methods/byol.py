@@ -99,6 +99,16 @@ def byol_loss(p1: torch.Tensor, p2: torch.Tensor, z1_t: torch.Tensor, z2_t: torc
 
 
 @torch.no_grad()
+def representation_collapse_warning(logs: dict, dim: int) -> str | None:
+    """BYOL / MoCo v3: warn when the online projections' per-dimension std (normalised) falls
+    below a tenth of the 1/sqrt(d) of a spread-out representation: all images map to one point."""
+    std = logs.get("proj_std")
+    if std is not None and std * dim ** 0.5 < 0.1:
+        return (f"collapse: the online projections have std {std:.4f} (x sqrt(d) = {std * dim ** 0.5:.3f}, "
+                "about 1 when healthy); check the lr, the predictor and the EMA momentum")
+    return None
+
+
 def representation_stats(z_online: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor) -> dict:
     """Collapse signals for BYOL / MoCo v3: the per-dimension std of the L2-normalised online
     projections, averaged over dimensions (about 1/sqrt(d) when spread, -> 0 when every image
@@ -144,3 +154,6 @@ class BYOL(SSLMethod):
 
     def eval_backbone(self) -> nn.Module:
         return self.student.encoder.backbone
+
+    def collapse_warning(self, logs: dict) -> str | None:
+        return representation_collapse_warning(logs, self.cfg.proj_dim)

@@ -19,6 +19,11 @@ from bcssl.methods.base import MultiCropWrapper, SSLMethod, backbone_from_config
 from bcssl.models.heads import DINOHead
 
 
+# Collapse thresholds on the entropies normalised by log K (see ``collapse_stats``).
+UNIFORM_ENTROPY = 0.95
+ONE_HOT_BATCH_ENTROPY = 0.05
+
+
 class DINOLoss(nn.Module):
     """Cross-entropy between the centred, sharpened teacher distribution of each global view and
     the student distribution of every *other* view, averaged over the pairs."""
@@ -107,6 +112,17 @@ class DINO(SSLMethod):
 
     def eval_backbone(self) -> nn.Module:
         return self.teacher.backbone
+
+    def collapse_warning(self, logs: dict) -> str | None:
+        # DINO's two failure modes (Caron et al., sec. 5.3): a uniform teacher (centring wins)
+        # or one prototype for every image (sharpening wins).
+        if logs.get("teacher_entropy", 0.0) > UNIFORM_ENTROPY:
+            return (f"collapse: the teacher output is nearly uniform (entropy {logs['teacher_entropy']:.2f} of "
+                    "log K); lower method.teacher_temp, raise method.center_momentum or use a BN head")
+        if logs.get("teacher_batch_entropy", 1.0) < ONE_HOT_BATCH_ENTROPY:
+            return (f"collapse: every image gets the same prototype (batch entropy "
+                    f"{logs['teacher_batch_entropy']:.2f} of log K); raise method.teacher_temp")
+        return None
 
 
 @torch.no_grad()

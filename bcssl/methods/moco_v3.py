@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from bcssl.methods.base import SSLMethod, backbone_from_config, ema_update, frozen_copy
-from bcssl.methods.byol import Encoder, OnlineNetwork, representation_stats, warn_unused_crops
+from bcssl.methods.byol import (Encoder, OnlineNetwork, representation_collapse_warning, representation_stats,
+                                warn_unused_crops)
 
 
 def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = True) -> nn.Sequential:
@@ -126,3 +127,6 @@ class MoCoV3(SSLMethod):
 
     def eval_backbone(self) -> nn.Module:
         return self.student.encoder.backbone
+
+    def collapse_warning(self, logs: dict) -> str | None:
+        return representation_collapse_warning(logs, self.cfg.proj_dim)

@@ -122,3 +122,14 @@ def test_bf16_autocast_trains_on_cpu(tmp_path, tiny_fmnist):
 def test_fp16_on_cpu_is_a_clear_error(tmp_path, tiny_fmnist):
     with pytest.raises(TrainingError, match="fp16 needs a CUDA device"):
         train(tiny_config(tmp_path, tiny_fmnist, "train.amp=fp16", "device=cpu"))
+
+
+def test_collapse_is_warned_and_logged(tmp_path, tiny_fmnist, monkeypatch, caplog):
+    from bcssl.methods.dino import DINO
+
+    monkeypatch.setattr(DINO, "collapse_warning", lambda self, logs: "collapse: test")
+    with caplog.at_level("WARNING", logger="bcssl"):
+        train(tiny_config(tmp_path, tiny_fmnist, "train.epochs=1"))
+    assert sum("collapse: test" in r.message for r in caplog.records) == 1  # warned once in the log
+    records = [json.loads(line) for line in (tmp_path / "runs/tiny/metrics.jsonl").read_text().splitlines()]
+    assert sum(r["kind"] == "collapse" for r in records) == 4  # and recorded at every log step

@@ -125,3 +125,13 @@ def test_two_training_steps_through_the_trainer(tmp_path, tiny_fmnist):
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert [r["step"] for r in train_rows] == [1, 2]
     assert all(0 <= r["loss"] <= 8 and 0 < r["proj_std"] for r in train_rows)
+
+
+def test_collapse_warning_on_a_point_representation():
+    from bcssl.methods.byol import representation_collapse_warning, representation_stats
+
+    z = torch.randn(64, 32)
+    healthy = {k: float(v) for k, v in representation_stats(z, z, z).items()}
+    point = {k: float(v) for k, v in representation_stats(torch.ones(64, 32) + 1e-4 * z, z, z).items()}
+    assert representation_collapse_warning(healthy, 32) is None
+    assert "collapse" in representation_collapse_warning(point, 32)

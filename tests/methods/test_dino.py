@@ -144,3 +144,10 @@ def test_loss_near_log_k_at_uniform_and_logs_collapse_stats():
     assert torch.isfinite(loss)
     assert 0 <= float(logs["teacher_entropy"]) <= 1 and 0 <= float(logs["teacher_batch_entropy"]) <= 1
     assert logs["teacher_temp"] == pytest.approx(0.04)
+
+
+def test_collapse_warnings():
+    method = tiny_dino()
+    assert method.collapse_warning({"teacher_entropy": 0.6, "teacher_batch_entropy": 0.8}) is None
+    assert "uniform" in method.collapse_warning({"teacher_entropy": 0.99, "teacher_batch_entropy": 0.99})
+    assert "same prototype" in method.collapse_warning({"teacher_entropy": 0.01, "teacher_batch_entropy": 0.01})
