@@ -342,16 +342,27 @@ def plot_knn(runs: Sequence[RunData], path: str | os.PathLike) -> list[str] | No
     extra = []
     pixels = sorted({round(_num(r.demo.get("baseline_pixels_knn_top1")), 2) for r in runs
                      if r.demo and _num(r.demo.get("baseline_pixels_knn_top1")) is not None})
+    # The demo measures its baselines and final accuracy on the full sets, while the monitor may
+    # use a subset (eval.knn_train_limit): say so, and mark the full-set final point apart.
     for i, v in enumerate(pixels):
-        extra.append(ax.axhline(v, color="0.45", ls="--", lw=1.0, label="raw pixels" if i == 0 else None))
+        extra.append(ax.axhline(v, color="0.45", ls="--", lw=1.0, label="raw pixels (full sets)" if i == 0 else None))
     for r in runs:
         v = _num(r.demo.get("baseline_random_knn_top1")) if r.demo else None
         if v is not None:
             extra.append(ax.axhline(v, color=color_of[r.label], ls=":", lw=1.2,
-                                    label=f"{r.name}: random init" if len(runs) > 1 else "random init"))
+                                    label=(f"{r.name}: " if len(runs) > 1 else "") + "random init (full sets)"))
+        final = _num(r.demo.get("knn_top1")) if r.demo else None
+        epochs = _num(r.demo.get("epochs")) if r.demo else None
+        if final is not None and epochs is not None:
+            extra.append(ax.plot([epochs], [final], marker="*", ms=12, ls="none", color=color_of[r.label],
+                                 label=(f"{r.name}: " if len(runs) > 1 else "") + "pre-trained (full sets)")[0])
+    limits = {(r.cfg("eval.knn_train_limit"), r.cfg("eval.knn_test_limit")) for r in runs}
+    subset = next((lim for lim in limits if any(lim)), None)
     ax.set_xlabel("epoch")
     ax.set_ylabel("k-NN top-1 (%)")
-    ax.set_title("k-NN monitor during pre-training", fontsize=10)
+    ax.set_title("k-NN monitor during pre-training" + (
+        f" (monitor bank: first {subset[0] or 'all'} train / {subset[1] or 'all'} test images)" if subset else ""),
+        fontsize=10)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     xs = [x for s in series for x in s["epoch"]]
