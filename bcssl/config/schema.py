@@ -62,6 +62,11 @@ class MethodConfig:
     # (0.99 in MoCo v3 and the paper's BYOL/CARE recipes: presets set it).
     proj_hidden_dim: int = 4096  # hidden width of the projector and predictor MLPs
     proj_dim: int = 256  # projector / predictor output
+    # CARE (methods/care.py): T-stream of BoTNet blocks on the CNN's stage-3 map
+    care_blocks: int = 5
+    care_heads: int = 4
+    care_pos_size: int = 14  # learned 2-D position embedding size (resized to the map)
+    care_lambda: float = 100.0  # weight of the T -> C supervision
     moco_proj_layers: Optional[int] = None  # MoCo v3 projector depth; None: 3 for ViT, 2 for CNNs
     moco_temperature: float = 1.0  # MoCo v3 InfoNCE temperature: 1.0 for CNNs, 0.2 for ViT
 

@@ -6,10 +6,11 @@ import difflib
 
 from bcssl.methods.base import SSLMethod
 from bcssl.methods.byol import BYOL
+from bcssl.methods.care import CARE
 from bcssl.methods.dino import DINO, DINOLoss
 from bcssl.methods.moco_v3 import MoCoV3
 
-_METHODS = {"dino": DINO, "byol": BYOL, "moco_v3": MoCoV3}
+_METHODS = {"dino": DINO, "byol": BYOL, "moco_v3": MoCoV3, "care": CARE}
 
 
 def create_method(name: str, model_cfg, method_cfg) -> SSLMethod:
@@ -20,4 +21,4 @@ def create_method(name: str, model_cfg, method_cfg) -> SSLMethod:
     return _METHODS[name](model_cfg, method_cfg)
 
 
-__all__ = ["BYOL", "DINO", "DINOLoss", "MoCoV3", "SSLMethod", "create_method"]
+__all__ = ["BYOL", "CARE", "DINO", "DINOLoss", "MoCoV3", "SSLMethod", "create_method"]

@@ -109,6 +109,7 @@ def representation_collapse_warning(logs: dict, dim: int) -> str | None:
     return None
 
 
+@torch.no_grad()
 def representation_stats(z_online: torch.Tensor, k1: torch.Tensor, k2: torch.Tensor) -> dict:
     """Collapse signals for BYOL / MoCo v3: the per-dimension std of the L2-normalised online
     projections, averaged over dimensions (about 1/sqrt(d) when spread, -> 0 when every image
