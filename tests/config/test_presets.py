@@ -1,5 +1,6 @@
 """Every paper preset builds its model and trains two steps on a tiny fake ImageFolder."""
 import pytest
+import torch
 from PIL import Image
 
 from bcssl.config import load_config
@@ -34,3 +35,16 @@ def test_paper_preset_two_steps(tmp_path, fake_imagenet, preset, model):
     assert res.images_seen == 4  # 4 training images, batch 2: two steps
     lines = (tmp_path / "runs" / cfg.run.name / "metrics.jsonl").read_text().splitlines()
     assert len([line for line in lines if '"train"' in line]) == 2
+
+
+@pytest.mark.parametrize("preset", [p for p in __import__("bcssl.config", fromlist=["x"]).list_presets()
+                                    if p.startswith(("imagenet_dino", "imagenet_byol", "imagenet_moco", "imagenet_care",
+                                                     "fmnist_"))])
+def test_comparison_presets_build_their_method(preset):
+    from bcssl.methods import create_method
+
+    cfg = load_config(preset)
+    with torch.device("meta"):  # the full-size networks, without memory or time
+        method = create_method(cfg.method.name, cfg.model, cfg.method)
+    assert sum(p.numel() for p in method.student.parameters()) > 0
+    assert cfg.method.name in preset or preset.startswith("imagenet_dino")
