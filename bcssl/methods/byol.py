@@ -122,7 +122,22 @@ def representation_stats(z_online: torch.Tensor, k1: torch.Tensor, k2: torch.Ten
     return {"proj_std": std, "target_cos": cos}
 
 
-class BYOL(SSLMethod):
+class OnlineTargetMethod(SSLMethod):
+    """What BYOL, MoCo v3 and CARE share: ``student.encoder`` is averaged into ``teacher`` after
+    each step (parameters only), the online backbone is evaluated, and collapse is read from the
+    spread of the online projections."""
+
+    def after_step(self, step: int) -> None:
+        ema_update(self.teacher.parameters(), self.student.encoder.parameters(), self.momentum(step))
+
+    def eval_backbone(self) -> nn.Module:
+        return self.student.encoder.backbone
+
+    def collapse_warning(self, logs: dict) -> str | None:
+        return representation_collapse_warning(logs, self.cfg.proj_dim)
+
+
+class BYOL(OnlineTargetMethod):
     """Online network (``student``) regresses the EMA target network's projection of the other view."""
 
     def __init__(self, model_cfg, method_cfg):
@@ -150,11 +165,3 @@ class BYOL(SSLMethod):
         loss = byol_loss(p1, p2, z1_t, z2_t)
         return loss, {"momentum": self.momentum(step), **representation_stats(z1, z1_t, z2_t)}
 
-    def after_step(self, step: int) -> None:
-        ema_update(self.teacher.parameters(), self.student.encoder.parameters(), self.momentum(step))
-
-    def eval_backbone(self) -> nn.Module:
-        return self.student.encoder.backbone
-
-    def collapse_warning(self, logs: dict) -> str | None:
-        return representation_collapse_warning(logs, self.cfg.proj_dim)

@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bcssl.methods.base import SSLMethod, backbone_from_config, ema_update, frozen_copy
-from bcssl.methods.byol import (BYOLMLP, byol_loss, representation_collapse_warning, representation_stats,
+from bcssl.methods.base import backbone_from_config, frozen_copy
+from bcssl.methods.byol import (BYOLMLP, OnlineTargetMethod, byol_loss, representation_stats,
                                 warn_unused_crops)
 from bcssl.models.bcssl_convnext import BCSSLConvNeXt
 
@@ -152,7 +152,7 @@ def care_loss(c: tuple, t: tuple, lam: float) -> tuple[torch.Tensor, dict]:
                                           "loss_attn": attn.detach()}
 
 
-class CARE(SSLMethod):
+class CARE(OnlineTargetMethod):
     """C-stream (BYOL on the CNN) + T-stream (Transformer on stage 3) + T -> C supervision."""
 
     def __init__(self, model_cfg, method_cfg):
@@ -183,11 +183,3 @@ class CARE(SSLMethod):
         loss, parts = care_loss((p1_c, p2_c, k1_c, k2_c), (p1_t, p2_t, k1_t, k2_t), self.cfg.care_lambda)
         return loss, {"momentum": self.momentum(step), **parts, **representation_stats(z1_c, k1_c, k2_c)}
 
-    def after_step(self, step: int) -> None:
-        ema_update(self.teacher.parameters(), self.student.encoder.parameters(), self.momentum(step))
-
-    def eval_backbone(self) -> nn.Module:
-        return self.student.encoder.backbone
-
-    def collapse_warning(self, logs: dict) -> str | None:
-        return representation_collapse_warning(logs, self.cfg.proj_dim)

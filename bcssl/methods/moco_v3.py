@@ -34,8 +34,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from bcssl.methods.base import SSLMethod, backbone_from_config, ema_update, frozen_copy
-from bcssl.methods.byol import (Encoder, OnlineNetwork, representation_collapse_warning, representation_stats,
+from bcssl.methods.base import backbone_from_config, frozen_copy
+from bcssl.methods.byol import (Encoder, OnlineNetwork, OnlineTargetMethod, representation_stats,
                                 warn_unused_crops)
 
 
@@ -91,7 +91,7 @@ def moco_v3_loss(q1: torch.Tensor, q2: torch.Tensor, k1: torch.Tensor, k2: torch
     return contrastive_loss(q1, k2, temperature) + contrastive_loss(q2, k1, temperature)
 
 
-class MoCoV3(SSLMethod):
+class MoCoV3(OnlineTargetMethod):
     """Base encoder + predictor (``student``) against the momentum encoder's keys (``teacher``)."""
 
     def __init__(self, model_cfg, method_cfg):
@@ -122,11 +122,3 @@ class MoCoV3(SSLMethod):
         loss = moco_v3_loss(q1, q2, k1, k2, self.temperature)
         return loss, {"momentum": self.momentum(step), **representation_stats(z1, k1, k2)}
 
-    def after_step(self, step: int) -> None:
-        ema_update(self.teacher.parameters(), self.student.encoder.parameters(), self.momentum(step))
-
-    def eval_backbone(self) -> nn.Module:
-        return self.student.encoder.backbone
-
-    def collapse_warning(self, logs: dict) -> str | None:
-        return representation_collapse_warning(logs, self.cfg.proj_dim)
