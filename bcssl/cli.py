@@ -151,22 +151,14 @@ def cmd_demo(args) -> None:
 
 
 def cmd_eval_knn(args) -> None:
-    from bcssl.config import load_config
-    from bcssl.engine.checkpoint import latest, load
-    from bcssl.engine.trainer import build_method, resolve_device
+    from bcssl.engine.trainer import resolve_device
+    from bcssl.eval.features import load_run_backbone
     from bcssl.eval.knn import KNNEvaluator
 
     run = Path(args.run)
-    if not (run / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run} is not a bcssl run directory (no config.yaml)")
-    cfg = load_config(str(run / "config.yaml"), args.overrides)
-    path = latest(run)
-    if path is None:
-        raise FileNotFoundError(f"{run} has no checkpoint.pt to evaluate")
-    method = build_method(cfg)
-    method.load_state_dict(load(path)["method"])
+    cfg, backbone, _ = load_run_backbone(run, args.overrides)
     device = resolve_device(cfg.device)
-    res = KNNEvaluator(cfg, device, progress=cfg.train.progress)(method.eval_backbone().to(device))
+    res = KNNEvaluator(cfg, device, progress=cfg.train.progress)(backbone.to(device))
     result = {"run_dir": str(run), "knn_top1": res["top1"], "knn_top5": res["top5"], "k": cfg.eval.knn_k}
     (run / "knn.json").write_text(json.dumps(result, indent=2) + "\n")
     _emit(args, result, f"k-NN (k={cfg.eval.knn_k}) top-1 {res['top1']:.2f}%, top-5 {res['top5']:.2f}%")

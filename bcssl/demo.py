@@ -6,14 +6,13 @@ from __future__ import annotations
 import json
 import platform
 import time
-from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
+from bcssl.eval.features import load_run_backbone
 from bcssl.eval.knn import KNNEvaluator, knn_classify
 from bcssl.eval.report import write_report
-from bcssl.engine.checkpoint import load
 from bcssl.engine.run_dir import run_dir_of
 from bcssl.engine.trainer import build_method, resolve_device, train
 
@@ -50,11 +49,8 @@ def run_demo(cfg: DictConfig) -> dict:
     cfg.eval.final_knn = False  # the final evaluation below uses the full sets
     result = train(cfg, knn_eval=lambda method, epoch: monitor(method.eval_backbone()))
 
-    torch.manual_seed(cfg.seed)
-    method = build_method(cfg)
-    method.load_state_dict(load(  # the final weights, also when the run was resumed
-        Path(result.run_dir) / "checkpoint.pt")["method"])
-    pretrained = final_eval(method.eval_backbone().to(device))
+    _, backbone, _ = load_run_backbone(result.run_dir)  # the final weights, also when the run was resumed
+    pretrained = final_eval(backbone.to(device))
     wall = time.perf_counter() - t_start
     summary = {
         "run_dir": result.run_dir, "epochs": result.epochs, "images_seen": result.images_seen,
