@@ -22,6 +22,8 @@ EPILOG = """examples:
   bcssl bench throughput --models bcssl_t,swin_t --batch 16
   bcssl viz cam runs/demo
   bcssl report runs/demo
+  bcssl sweep --config sweep_fmnist --grid model.kernel_size=3,5,7,9,15 model.dw_norm=ln,bn+ln
+  bcssl export runs/demo --format onnx               # also safetensors, torchscript, timm
   bcssl presets
 """
 
@@ -109,6 +111,36 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--n", type=int, default=8, help="number of default images")
     _add_common(v)
 
+    p = sub.add_parser("sweep", help="kernel-size x norm study: train + evaluate every grid combination "
+                       "(skips finished ones, resumes interrupted ones), then sweep report.md with tables and plots")
+    p.add_argument("--config", required=True, help="preset or YAML every run starts from")
+    p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
+                   help="e.g. model.kernel_size=3,5,7,9,15 model.dw_norm=ln,bn+ln")
+    p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's seed)")
+    p.add_argument("--out", default=None, help="sweep folder (default: <run.dir>/sweep_<run.name>)")
+    p.add_argument("--evals", default="knn,linear,robustness", help="evaluations per run (robustness needs linear)")
+    p.add_argument("--no-cam", action="store_true", help="skip the Grad-CAM grids in the summary")
+    p.add_argument("--index", type=int, action="append", default=None,
+                   help="run only combination I (repeatable; one job per combination, e.g. a Slurm array task)")
+    p.add_argument("--train-only", action="store_true", help="train, do not evaluate (for torchrun jobs)")
+    p.add_argument("--no-summary", action="store_true", help="do not write the summary after the runs")
+    p.add_argument("--summarize", action="store_true", help="only write the summary of finished combinations")
+    p.add_argument("--list", action="store_true", help="print the combinations with their index and status")
+    p.add_argument("--launcher", choices=["local", "slurm"], default="local",
+                   help="slurm: write <out>/sweep.sbatch (an array job, one task per combination) instead of running")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs per Slurm task (--launcher slurm)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="fixed overrides for every run")
+    _add_common(p)
+
+    p = sub.add_parser("export", help="export a run's eval backbone with BN folded (safetensors, TorchScript, ONNX "
+                       "or a timm ConvNeXt state dict), checked against the unfolded model")
+    p.add_argument("run", help="run directory (contains config.yaml and checkpoint.pt)")
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "torchscript", "onnx", "timm"])
+    p.add_argument("--out", default=None, help="output file or folder (default: RUN/export/)")
+    p.add_argument("--size", type=int, default=None,
+                   help="side of the example input used to trace and check (default: the run's crops.global_size)")
+    _add_common(p)
+
     p = sub.add_parser("presets", help="list the built-in presets")
     _add_common(p)
     return parser
@@ -122,18 +154,11 @@ def _emit(args, result: dict, human: str) -> None:
 
 def cmd_pretrain(args) -> None:
     from bcssl.config import load_config
-    from bcssl.engine.trainer import train
-    from bcssl.eval.knn import KNNEvaluator
-    from bcssl.engine.trainer import resolve_device
+    from bcssl.engine.trainer import resolve_device, train
+    from bcssl.eval.knn import knn_monitor
 
     cfg = load_config(args.config, args.overrides)
-    device = resolve_device(cfg.device)
-    monitor = None
-    if cfg.eval.knn_every or cfg.eval.final_knn:
-        evaluator = KNNEvaluator(cfg, device, progress=cfg.train.progress, train_limit=cfg.eval.knn_train_limit,
-                                 test_limit=cfg.eval.knn_test_limit)
-        monitor = lambda method, epoch: evaluator(method.eval_backbone())  # noqa: E731
-    result = train(cfg, knn_eval=monitor).as_dict()
+    result = train(cfg, knn_eval=knn_monitor(cfg, resolve_device(cfg.device))).as_dict()
     knn = f", k-NN top-1 {result['knn_top1']:.2f}%" if result["knn_top1"] is not None else ""
     _emit(args, result, f"done: {result['run_dir']} ({result['images_seen']} images, "
                         f"{result['imgs_per_s']:.0f} img/s{knn})")
@@ -151,17 +176,10 @@ def cmd_demo(args) -> None:
 
 
 def cmd_eval_knn(args) -> None:
-    from bcssl.engine.trainer import resolve_device
-    from bcssl.eval.features import load_run_backbone
-    from bcssl.eval.knn import KNNEvaluator
+    from bcssl.eval.knn import knn_of_run
 
-    run = Path(args.run)
-    cfg, backbone, _ = load_run_backbone(run, args.overrides)
-    device = resolve_device(cfg.device)
-    res = KNNEvaluator(cfg, device, progress=cfg.train.progress)(backbone.to(device))
-    result = {"run_dir": str(run), "knn_top1": res["top1"], "knn_top5": res["top5"], "k": cfg.eval.knn_k}
-    (run / "knn.json").write_text(json.dumps(result, indent=2) + "\n")
-    _emit(args, result, f"k-NN (k={cfg.eval.knn_k}) top-1 {res['top1']:.2f}%, top-5 {res['top5']:.2f}%")
+    r = knn_of_run(args.run, args.overrides)
+    _emit(args, r, f"k-NN (k={r['k']}) top-1 {r['knn_top1']:.2f}%, top-5 {r['knn_top5']:.2f}%")
 
 
 def cmd_eval_linear(args) -> None:
@@ -212,11 +230,11 @@ def cmd_report(args) -> None:
 
 
 def cmd_viz_cam(args) -> None:
-    from bcssl.eval.cam import cam_for_runs
+    from bcssl.eval.cam import cam_for_runs, default_images
 
     images = args.images
     if not images:
-        images = _one_image_per_class(args.runs[0], args.n)
+        images = default_images(args.runs[0], args.n)
     elif len(images) == 1:
         images = images[0]
     out = args.out or str(Path(args.runs[0]) / "cam.png")
@@ -225,23 +243,44 @@ def cmd_viz_cam(args) -> None:
     _emit(args, s, f"{rows}\nCAM grid: {s['png']}")
 
 
-def _one_image_per_class(run_dir: str, n: int):
-    """uint8 images: the first eval-split image of each of the first ``n`` classes of a run's data."""
-    import torch
+def cmd_sweep(args) -> None:
+    import shlex
 
-    from bcssl.data import build_dataset
-    from bcssl.engine.run_dir import load_run_config
+    from bcssl.sweep import Sweep, parse_grid
 
-    d = load_run_config(run_dir).data
-    ds = build_dataset(d.name, root=d.root, split=d.eval_split, download=d.download, load_size=d.load_size)
-    picked: dict[int, torch.Tensor] = {}
-    for i in range(len(ds)):
-        item = ds[i]
-        if item is not None and int(item[1]) not in picked:
-            picked[int(item[1])] = item[0]
-        if len(picked) >= min(n, ds.num_classes):
-            break
-    return torch.stack([picked[c] for c in sorted(picked)])
+    seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+    sweep = Sweep(args.config, parse_grid(args.grid), seeds, args.overrides, args.out,
+                  evals=[e for e in args.evals.split(",") if e], cam=not args.no_cam)
+    if args.list:
+        rows = [{"index": c.index, "name": c.name, "finished": sweep.result(c) is not None,
+                 "overrides": c.overrides()} for c in sweep.combinations]
+        _emit(args, {"out": str(sweep.out), "combinations": rows},
+              "\n".join(f"{r['index']:3d}  {'done' if r['finished'] else 'todo'}  {r['name']}" for r in rows))
+        return
+    if args.launcher == "slurm":
+        cli = " ".join(["--config", shlex.quote(args.config), "--grid", *map(shlex.quote, args.grid),
+                        *(["--seeds", args.seeds] if args.seeds else []), "--out", shlex.quote(str(sweep.out)),
+                        "--evals", args.evals, *(["--no-cam"] if args.no_cam else []),
+                        *map(shlex.quote, args.overrides)])
+        path = sweep.slurm_script(cli, gpus=args.gpus)
+        _emit(args, {"sbatch": str(path), "combinations": len(sweep.combinations)},
+              f"wrote {path}; submit with: sbatch {path}  (then: bcssl sweep {cli} --summarize)")
+        return
+    if args.summarize:
+        s = sweep.summarize()
+    else:
+        s = sweep.run(args.index, train_only=args.train_only, summarize=not args.no_summary)
+    if "report" in s:
+        _emit(args, s, f"{s['finished']}/{s['total']} combinations finished; report: {s['report']}")
+    else:
+        _emit(args, s, f"ran {', '.join(s['ran'])} in {s['out']}")
+
+
+def cmd_export(args) -> None:
+    from bcssl.export import export_run
+
+    r = export_run(args.run, args.format, args.out, input_size=args.size).as_dict()
+    _emit(args, r, f"{r['format']}: {r['path']} (max abs diff vs the unfolded backbone {r['max_abs_diff']:.2g})")
 
 
 def cmd_presets(args) -> None:
@@ -266,6 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     if not sys.stderr.isatty():  # logs and CI: a progress line every 30 s, not every 0.1 s
         os.environ.setdefault("TQDM_MININTERVAL", "30")
     handler = {"pretrain": cmd_pretrain, "demo": cmd_demo, "presets": cmd_presets, "report": cmd_report,
+               "sweep": cmd_sweep, "export": cmd_export,
                "viz": {"cam": cmd_viz_cam}.get(getattr(args, "viz_command", None)),
                "bench": {"throughput": cmd_bench_throughput}.get(getattr(args, "bench_command", None)),
                "eval": {"knn": cmd_eval_knn, "linear": cmd_eval_linear,

@@ -118,6 +118,7 @@ class EvalConfig:
     knn_test_limit: Optional[int] = None
     batch_size: int = 256
     final_knn: bool = True
+    robustness_limit: Optional[int] = 1000  # images for on-the-fly corruptions (bcssl sweep; None = all)
 
 
 @dataclass

@@ -447,3 +447,21 @@ def cam_for_runs(run_dirs: Sequence[Union[str, os.PathLike]], images, *, methods
     tmp.write_text(json.dumps(summary, indent=2) + "\n")
     os.replace(tmp, summary["json"])
     return summary
+
+
+def default_images(run_dir: Union[str, os.PathLike], n: int = 8) -> torch.Tensor:
+    """uint8 images: the first eval-split image of each of the first ``n`` classes of a run's data
+    (the default CAM images of ``bcssl viz cam`` and the sweep's CAM grid)."""
+    from bcssl.data import build_dataset
+    from bcssl.engine.run_dir import load_run_config
+
+    d = load_run_config(run_dir).data
+    ds = build_dataset(d.name, root=d.root, split=d.eval_split, download=d.download, load_size=d.load_size)
+    picked: dict[int, torch.Tensor] = {}
+    for i in range(len(ds)):
+        item = ds[i]
+        if item is not None and int(item[1]) not in picked:
+            picked[int(item[1])] = item[0]
+        if len(picked) >= min(n, ds.num_classes):
+            break
+    return torch.stack([picked[c] for c in sorted(picked)])

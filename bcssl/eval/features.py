@@ -227,3 +227,33 @@ def cached_features(run_dir: str | os.PathLike, checkpoint_path: str | os.PathLi
         tmp.unlink(missing_ok=True)
         warnings.warn(f"could not write the feature cache {path}: {e}", stacklevel=2)
     return feats, labels
+
+
+def run_features(loaded: LoadedRun, split: str, limit: int | None = None, *, device: torch.device | str = "cpu",
+                 cache: bool = True, progress: bool = True, dataset=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features of a run's eval backbone on ``split`` of its dataset (first ``limit`` images), with
+    the evaluation preprocessing at the run's global crop size. Cached under ``<run>/cache`` per
+    checkpoint, so k-NN and the linear probe of one checkpoint extract each split once.
+    ``dataset``: the already built split, to avoid loading it again."""
+    from bcssl.data import BatchLoader, build_dataset
+
+    cfg = loaded.cfg
+    d, c = cfg.data, cfg.crops
+    device = torch.device(device)
+    ds = dataset if dataset is not None else build_dataset(d.name, root=d.root, split=split, download=d.download,
+                                                           load_size=d.load_size)
+    loader = BatchLoader(ds, cfg.eval.batch_size, shuffle=False, drop_last=False, workers=d.workers,
+                         pin_memory=device.type == "cuda", limit=limit)
+    kw = dict(size=c.global_size, mean=tuple(c.mean), std=tuple(c.std), device=device, amp=cfg.train.amp,
+              channels_last=cfg.train.channels_last, progress=progress, total=len(loader),
+              desc=f"{split} features")
+    backbone = loaded.backbone.to(device)
+    if not cache:
+        return extract_features(backbone, loader.epoch(0), **kw)
+    dataset_key = json.dumps({"name": d.name, "root": str(d.root), "split": split, "load_size": d.load_size,
+                              "limit": limit, "len": len(ds), "classes": int(ds.num_classes)})
+    transform_key = json.dumps({"eval_preprocess": c.global_size, "mean": list(c.mean), "std": list(c.std),
+                                "amp": cfg.train.amp})
+    return cached_features(Path(loaded.checkpoint_path).parent, loaded.checkpoint_path,
+                           backbone, dataset_key, transform_key, lambda: loader.epoch(0),
+                           checkpoint_sha256=loaded.checkpoint_sha256, **kw)

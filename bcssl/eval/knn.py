@@ -79,3 +79,40 @@ class KNNEvaluator:
         test_f, test_y = self.features(backbone, "test")
         return knn_classify(train_f, train_y, test_f, test_y, k=self.cfg.eval.knn_k,
                             temperature=self.cfg.eval.knn_temperature, num_classes=self.train_set.num_classes)
+
+
+def knn_of_run(run_dir, overrides=(), *, device=None, progress: bool = True) -> dict:
+    """k-NN of a run's eval backbone on its full train (bank) and eval splits, with the features
+    cached per checkpoint (shared with the linear probe). Writes ``<run>/knn.json`` and returns it."""
+    import json
+    import os
+    from pathlib import Path
+
+    from bcssl.engine.trainer import resolve_device
+    from bcssl.eval.features import load_run, run_features
+
+    loaded = load_run(run_dir, overrides)
+    cfg = loaded.cfg
+    device = resolve_device(str(device) if device is not None else cfg.device)
+    train_f, train_y = run_features(loaded, cfg.data.split, device=device, progress=progress)
+    test_f, test_y = run_features(loaded, cfg.data.eval_split, device=device, progress=progress)
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    res = knn_classify(train_f, train_y, test_f, test_y, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
+                       num_classes=num_classes)
+    result = {"run_dir": str(run_dir), "knn_top1": res["top1"], "knn_top5": res["top5"], "k": cfg.eval.knn_k,
+              "checkpoint_step": loaded.step, "checkpoint_sha256": loaded.checkpoint_sha256}
+    out = Path(run_dir) / "knn.json"
+    tmp = out.with_name(f".knn.json.tmp.{os.getpid()}")
+    tmp.write_text(json.dumps(result, indent=2) + "\n")
+    os.replace(tmp, out)
+    return result
+
+
+def knn_monitor(cfg, device):
+    """The k-NN monitor for :func:`bcssl.engine.trainer.train` (``eval.knn_every`` /
+    ``eval.final_knn``; banks limited by ``eval.knn_train_limit`` / ``knn_test_limit``), or None."""
+    if not (cfg.eval.knn_every or cfg.eval.final_knn):
+        return None
+    evaluator = KNNEvaluator(cfg, device, progress=cfg.train.progress, train_limit=cfg.eval.knn_train_limit,
+                             test_limit=cfg.eval.knn_test_limit)
+    return lambda method, epoch: evaluator(method.eval_backbone())

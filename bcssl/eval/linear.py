@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from bcssl.eval.features import cached_features, load_run
+from bcssl.eval.features import load_run, run_features
 
 LINEAR_WEIGHTS = "linear.safetensors"
 LINEAR_JSON = "linear.json"
@@ -387,23 +387,10 @@ def linear_probe(run_dir: str | os.PathLike, overrides: Sequence[str] = (), devi
     train_set = sets[d.split]
     num_classes = int(train_set.num_classes)
     pin = device.type == "cuda"
-    extract = dict(size=c.global_size, mean=tuple(c.mean), std=tuple(c.std), device=device, amp=cfg.train.amp,
-                   channels_last=cfg.train.channels_last, progress=progress)
-    transform_key = json.dumps({"eval_preprocess": c.global_size, "mean": list(c.mean), "std": list(c.std),
-                                "amp": cfg.train.amp})
 
     def features(split: str, limit) -> tuple[torch.Tensor, torch.Tensor]:
-        ds = sets[split]
-        loader = BatchLoader(ds, cfg.eval.batch_size, shuffle=False, drop_last=False, workers=d.workers,
-                             pin_memory=pin, limit=limit)
-        kw = dict(extract, total=len(loader), desc=f"linear probe: {split} features")
-        if not lc.cache:
-            from bcssl.eval.features import extract_features
-            return extract_features(backbone, loader.epoch(0), **kw)
-        dataset_key = json.dumps({"name": d.name, "root": str(d.root), "split": split, "load_size": d.load_size,
-                                  "limit": limit, "len": len(ds), "classes": int(ds.num_classes)})
-        return cached_features(run, loaded.checkpoint_path, backbone, dataset_key, transform_key,
-                               lambda: loader.epoch(0), checkpoint_sha256=loaded.checkpoint_sha256, **kw)
+        return run_features(loaded, split, limit, device=device, cache=lc.cache, progress=progress,
+                            dataset=sets[split])
 
     test_f, test_y = features(d.eval_split, lc.test_limit)
     common = dict(momentum=lc.momentum, weight_decay=lc.weight_decay, seed=cfg.seed, device=device,
