@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("pretrain", help="pre-train a backbone (resumes when the run directory has a checkpoint)")
     p.add_argument("--config", required=True, help="preset name (see `bcssl presets`) or a YAML file")
+    p.add_argument("--nproc", type=int, default=None,
+                   help="processes on this machine (one per GPU): reruns the command under `torchrun --standalone "
+                        "--nproc_per_node=N`; train.batch_size is per process")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=10")
     _add_common(p)
 
@@ -157,11 +160,41 @@ def cmd_pretrain(args) -> None:
     from bcssl.engine.trainer import resolve_device, train
     from bcssl.eval.knn import knn_monitor
 
+    from bcssl.engine.distributed import env_world_size, relaunch_with_torchrun
+
+    if args.nproc is not None and env_world_size() == 1:
+        if args.nproc < 1:
+            raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+        if args.nproc > 1:
+            rc = relaunch_with_torchrun(args.nproc, _without_option(args.argv, "--nproc"))
+            if rc:
+                raise SystemExit(rc)
+            return
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, knn_eval=knn_monitor(cfg, resolve_device(cfg.device))).as_dict()
+    device = "cpu" if env_world_size() > 1 else resolve_device(cfg.device)  # the k-NN monitor runs on rank 0 only
+    result = train(cfg, knn_eval=knn_monitor(cfg, device)).as_dict()
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # rank 0 reports
     knn = f", k-NN top-1 {result['knn_top1']:.2f}%" if result["knn_top1"] is not None else ""
+    if result["preempted"]:
+        _emit(args, result, f"stopped by {result['preempted']} after {result['images_seen']} images; checkpoint "
+                            f"saved in {result['run_dir']}; rerun the same command to resume")
+        return
     _emit(args, result, f"done: {result['run_dir']} ({result['images_seen']} images, "
                         f"{result['imgs_per_s']:.0f} img/s{knn})")
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """``argv`` without ``option VALUE`` / ``option=VALUE``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == option:
+            skip = True
+        elif not a.startswith(option + "="):
+            out.append(a)
+    return out
 
 
 def cmd_demo(args) -> None:
@@ -296,6 +329,7 @@ def cmd_presets(args) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None or (args.command == "eval" and args.eval_command is None) or \
             (args.command == "bench" and args.bench_command is None) or \
             (args.command == "viz" and args.viz_command is None):

@@ -86,6 +86,9 @@ class Sweep:
         for key, values in self.grid.items():
             for v in values:
                 load_config(config, self.overrides + [f"{key}={v}"])
+        if "robustness" in self.evals and base.data.name == "image_folder" and not base.eval.imagenet_c:
+            raise ConfigError("the sweep's robustness evaluation of an image folder needs the released ImageNet-C "
+                              "folder: eval.imagenet_c=/path/to/imagenet-c (or --evals knn,linear)")
         self.seeds = [int(s) for s in seeds] if seeds else [int(base.seed)]
         self.out = Path(out) if out else Path(base.run.dir) / f"sweep_{base.run.name}"
         keys = list(self.grid)
@@ -164,9 +167,14 @@ class Sweep:
             out.update(linear_top1=r["linear_top1"], linear_top5=r["linear_top5"])
         if "robustness" in self.evals:
             cfg = self.run_config(combo)
-            r = evaluate_run(run, limit=cfg.eval.robustness_limit, progress=progress)
+            folder = cfg.eval.imagenet_c if cfg.data.name == "image_folder" else None
+            r = evaluate_run(run, limit=cfg.eval.robustness_limit, progress=progress, folder=folder,
+                             kind="imagenet_c" if folder else None)
+            if r.get("mce") is not None:
+                out["mce"] = r["mce"]
             by = r["mean_error_by_corruption"]
-            out.update(clean_error=100 * r["clean_error"], corruption_error=100 * r["mean_error"],
+            clean = 100 * r["clean_error"] if r.get("clean_error") is not None else 100 - out["linear_top1"]
+            out.update(clean_error=clean, corruption_error=100 * r["mean_error"],
                        corruption_error_by_group={g: 100 * statistics.fmean(by[c] for c in cs if c in by)
                                                   for g, cs in CORRUPTION_GROUPS.items() if any(c in by for c in cs)},
                        robustness_images=r["n_images"])

@@ -9,8 +9,21 @@ The three are measured in interleaved rounds and each reports its median.
 
 Goals (issue 3): (a) >= 90% of (b) and (a) >= 1.2x (c) on CPU.
 
+Compute options (issue 4), ``--options``: each row is (b), the model step on the ready crops, with
+one change from a plain run (fp32, contiguous memory format, eager, default AdamW), measured in
+the same interleaved rounds and reported as a ratio to that plain row:
+
+    channels_last   NHWC activations and weights
+    compile         the student's backbone and head torch.compile'd in place (train.compile_backend)
+    bf16 / fp16     autocast; fp16 with a GradScaler (CUDA only)
+    fused           fused AdamW (one kernel for all parameters)
+
+Join options with '+' for a combined row (``channels_last+bf16+fused``). ``--only-options``
+skips (a)-(c).
+
     python benchmarks/train_throughput.py                     # demo_fmnist model and crops
     python benchmarks/train_throughput.py --steps 6 --rounds 5 --workers 2 --amp bf16
+    python benchmarks/train_throughput.py --only-options --options channels_last,compile,bf16
 """
 from __future__ import annotations
 
@@ -49,18 +62,50 @@ class PILDataset(torch.utils.data.Dataset):
         return self.aug(self.pil[i])
 
 
-def make_step(method, cfg, memory_format, autocast):
-    opt = torch.optim.AdamW(param_groups(method.student), lr=1e-4)
+def make_step(method, cfg, memory_format, autocast, fused: bool | None = None, scaler=None):
+    opt = torch.optim.AdamW(param_groups(method.student), lr=1e-4, fused=fused)
 
     def step(crops, i):
         crops = [c.contiguous(memory_format=memory_format) for c in crops]
         with autocast:
             loss, _ = method.loss(crops, i)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        if scaler is None:
+            loss.backward()
+            opt.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
         method.after_step(i)
     return step
+
+
+OPTIONS = ("channels_last", "compile", "bf16", "fp16", "fused")
+
+
+def parse_options(text: str, device: torch.device) -> tuple[list[tuple[str, set]], list[str]]:
+    """'channels_last,bf16+fused' -> rows [(name, {flags})] and notes on rows skipped here."""
+    rows, notes = [], []
+    for item in filter(None, (t.strip() for t in text.split(","))):
+        flags = set(item.split("+"))
+        unknown = flags - set(OPTIONS)
+        if unknown:
+            raise SystemExit(f"unknown --options {sorted(unknown)}; valid: {', '.join(OPTIONS)}")
+        if {"bf16", "fp16"} <= flags:
+            raise SystemExit(f"--options {item}: bf16 and fp16 exclude each other")
+        if "fp16" in flags and device.type != "cuda":
+            notes.append(f"{item}: skipped (fp16 autocast with a GradScaler needs CUDA)")
+            continue
+        rows.append((item, flags))
+    return rows, notes
+
+
+def compile_student(method, backend: str) -> None:
+    """As the trainer's train.compile: in place, one graph per crop size."""
+    parts = [getattr(method.student, k, None) for k in ("backbone", "head")]
+    for part in [p for p in parts if p is not None] or [method.student]:
+        part.compile(backend=backend, dynamic=False)
 
 
 def timed(fn, it, steps: int, batch_size: int, step0: int) -> float:
@@ -99,9 +144,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--amp", default=None, choices=["none", "bf16", "fp16"])
     ap.add_argument("--channels-last", default=None, choices=["true", "false"])
+    ap.add_argument("--options", default="", help=f"compute option rows: comma list of {'/'.join(OPTIONS)} "
+                    "(join with + to combine); each is reported as a ratio to a plain fp32 row")
+    ap.add_argument("--only-options", action="store_true", help="skip (a)-(c): the plain row and the options only")
+    ap.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_args()
+    args = ap.parse_intermixed_args()  # KEY=VALUE overrides may come between the options
     over = list(args.overrides)
     if args.batch:
         over.append(f"train.batch_size={args.batch}")
@@ -112,48 +161,85 @@ def main() -> None:
     cfg = load_config(args.config, over)
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    option_rows, notes = parse_options(args.options, device)
     B, n = cfg.train.batch_size, args.warmup + args.steps
     mf = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if cfg.train.amp == "bf16" else torch.float16)
                 if cfg.train.amp != "none" else torch.autocast(device.type, enabled=False))
 
-    data = build_dataset(cfg.data.name, root=cfg.data.root, split=cfg.data.split, load_size=cfg.data.load_size)
-    loader = BatchLoader(data, B, seed=0, limit=B * n, workers=cfg.data.workers)
+    def amp_scaler():  # fp16 trains with a GradScaler, as the trainer does
+        return torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
+
+    data = build_dataset(cfg.data.name, root=cfg.data.root, split=cfg.data.split, load_size=cfg.data.load_size,
+                         decode_on_device=cfg.data.get("decode_on_device", False))
+    loader = BatchLoader(data, B, seed=0, limit=B * n, workers=cfg.data.workers, decode_device=device,
+                         pin_memory=device.type == "cuda")
     multicrop = multicrop_from_config(cfg.crops)
 
     def fresh_method():
         torch.manual_seed(0)
         return build_method(cfg).to(device=device, memory_format=mf).train()
 
-    # (a) end to end: uint8 batches -> multi-crop on the device -> step
-    step_a = make_step(fresh_method(), cfg, mf, autocast)
-    run_a = (lambda batch, i: step_a(multicrop(batch[0].to(device), step_seed(0, i)), i), lambda: loader.epoch(0))
-    # (b) model alone: the same crops, made before the clock starts
+    pipelines = {}
     pre = [multicrop(batch[0].to(device), step_seed(0, i)) for i, batch in enumerate(loader.epoch(0))]
-    run_b = (make_step(fresh_method(), cfg, mf, autocast), lambda: iter(pre))
-    # (c) reference: PIL multi-crop per image in DataLoader workers
-    images = torch.cat([x for x, _ in loader.epoch(0)])
-    ref = torch.utils.data.DataLoader(PILDataset(images, DataAugmentationDINO(multicrop.cfg)), batch_size=B,
-                                      num_workers=args.workers, drop_last=True, persistent_workers=False,
-                                      pin_memory=device.type == "cuda")
-    step_c = make_step(fresh_method(), cfg, mf, autocast)
-    run_c = (lambda crops, i: step_c([x.to(device, non_blocking=True) for x in crops], i), lambda: iter(ref))
-    rates = interleaved({"a": run_a, "b": run_b, "c": run_c}, args.warmup, args.steps, args.rounds, B)
-    a, b, c = rates["a"], rates["b"], rates["c"]
+    if not args.only_options:
+        # (a) end to end: uint8 batches -> multi-crop on the device -> step
+        step_a = make_step(fresh_method(), cfg, mf, autocast, scaler=amp_scaler())
+        pipelines["a"] = (lambda batch, i: step_a(multicrop(batch[0].to(device), step_seed(0, i)), i),
+                          lambda: loader.epoch(0))
+        # (b) model alone: the same crops, made before the clock starts
+        pipelines["b"] = (make_step(fresh_method(), cfg, mf, autocast, scaler=amp_scaler()), lambda: iter(pre))
+        # (c) reference: PIL multi-crop per image in DataLoader workers
+        images = torch.cat([x for x, _ in loader.epoch(0)])
+        ref = torch.utils.data.DataLoader(PILDataset(images, DataAugmentationDINO(multicrop.cfg)), batch_size=B,
+                                          num_workers=args.workers, drop_last=True, persistent_workers=False,
+                                          pin_memory=device.type == "cuda")
+        step_c = make_step(fresh_method(), cfg, mf, autocast, scaler=amp_scaler())
+        pipelines["c"] = (lambda crops, i: step_c([x.to(device, non_blocking=True) for x in crops], i),
+                          lambda: iter(ref))
+    if option_rows or args.only_options:
+        # compute options: (b) with one change each from a plain fp32 / contiguous / eager run
+        for name, flags in [("plain", set())] + option_rows:
+            method = fresh_method()
+            fmt = torch.channels_last if "channels_last" in flags else torch.contiguous_format
+            method.to(memory_format=fmt)
+            if "compile" in flags:
+                compile_student(method, cfg.train.get("compile_backend", "inductor"))
+            amp = "bf16" if "bf16" in flags else "fp16" if "fp16" in flags else None
+            ac = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+                  if amp else torch.autocast(device.type, enabled=False))
+            scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+            step = make_step(method, cfg, fmt, ac, fused=True if "fused" in flags else None, scaler=scaler)
+            pipelines[f"opt:{name}"] = (step, lambda: iter(pre))
+    rates = interleaved(pipelines, args.warmup, args.steps, args.rounds, B)
 
     result = {"device": str(device), "threads": torch.get_num_threads(), "batch": B, "amp": cfg.train.amp,
               "channels_last": cfg.train.channels_last, "model": cfg.model.name,
-              "crops": f"2x{cfg.crops.global_size} + {cfg.crops.n_local}x{cfg.crops.local_size}",
-              "bcssl_end_to_end_img_s": round(a, 1), "model_only_img_s": round(b, 1),
-              "pil_reference_img_s": round(c, 1), "end_to_end_over_model_only": round(a / b, 3),
-              "end_to_end_over_pil_reference": round(a / c, 3)}
+              "crops": f"2x{cfg.crops.global_size} + {cfg.crops.n_local}x{cfg.crops.local_size}"}
     print(f"device {device}, {torch.get_num_threads()} threads, batch {B}, crops {result['crops']}, "
           f"amp {cfg.train.amp}, channels_last {cfg.train.channels_last}")
-    print(f"(a) bcssl end to end      {a:8.1f} img/s")
-    print(f"(b) model on ready crops  {b:8.1f} img/s")
-    print(f"(c) PIL reference ({args.workers} wk) {c:8.1f} img/s")
-    print(f"(a)/(b) = {a / b:.3f}  (goal >= 0.90)    (a)/(c) = {a / c:.3f}  (goal >= 1.2)")
+    if not args.only_options:
+        a, b, c = rates["a"], rates["b"], rates["c"]
+        result.update({"bcssl_end_to_end_img_s": round(a, 1), "model_only_img_s": round(b, 1),
+                       "pil_reference_img_s": round(c, 1), "end_to_end_over_model_only": round(a / b, 3),
+                       "end_to_end_over_pil_reference": round(a / c, 3)})
+        print(f"(a) bcssl end to end      {a:8.1f} img/s")
+        print(f"(b) model on ready crops  {b:8.1f} img/s")
+        print(f"(c) PIL reference ({args.workers} wk) {c:8.1f} img/s")
+        print(f"(a)/(b) = {a / b:.3f}  (goal >= 0.90)    (a)/(c) = {a / c:.3f}  (goal >= 1.2)")
+    if "opt:plain" in rates:
+        plain = rates["opt:plain"]
+        result["options"] = {}
+        print("compute options, model on ready crops, ratio to plain (fp32, contiguous, eager, default AdamW):")
+        for key, rate in rates.items():
+            if key.startswith("opt:"):
+                name = key[4:]
+                result["options"][name] = {"img_s": round(rate, 1), "over_plain": round(rate / plain, 3)}
+                print(f"  {name:28s} {rate:8.1f} img/s  {rate / plain:6.3f}x")
+        for note in notes:
+            print(f"  {note}")
+        result["options_skipped"] = notes
     if args.json:
         print(json.dumps(result))
 

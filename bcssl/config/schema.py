@@ -25,6 +25,9 @@ class DataConfig:
     limit: Optional[int] = None  # use only the first N training images
     workers: int = 4
     load_size: int = 256  # image_folder: shorter side resized + centre-cropped to this square
+    # image_folder: the loader decodes each batch of JPEG bytes on the training device
+    # (torchvision.io.decode_jpeg; nvJPEG on CUDA) instead of PIL in the workers
+    decode_on_device: bool = False
 
 
 @dataclass
@@ -103,6 +106,8 @@ class TrainConfig:
     clip_grad: float = 3.0  # per-parameter gradient-norm clip (DINO); 0 disables
     amp: str = "none"  # none | bf16 | fp16 (fp16 uses a grad scaler, CUDA only)
     channels_last: bool = True
+    compile: bool = False  # torch.compile the student's backbone and head in place (nn.Module.compile)
+    compile_backend: str = "inductor"  # torch.compile backend (aot_eager / eager: no code generation)
     checkpoint_every_steps: int = 500  # plus one at every epoch end
     log_every_steps: int = 20
     max_nonfinite_steps: int = 20  # this many non-finite losses in a row stop the run
@@ -119,6 +124,7 @@ class EvalConfig:
     batch_size: int = 256
     final_knn: bool = True
     robustness_limit: Optional[int] = 1000  # images for on-the-fly corruptions (bcssl sweep; None = all)
+    imagenet_c: Optional[str] = None  # released ImageNet-C folder: the sweep's robustness for image folders
 
 
 @dataclass

@@ -299,6 +299,12 @@ class ImageFolderDataset(Dataset):
     If ``root/train`` and ``root/val`` both exist, ``root/<split>`` is used; otherwise
     ``root`` itself, whatever ``split`` says.
 
+    ``decode_on_device=True`` (config ``data.decode_on_device``): ``__getitem__`` returns a
+    JPEG file's raw bytes (1-D uint8; other formats are still decoded here), and the loader
+    decodes each batch at once with :meth:`decode_batch` on the training device
+    (``torchvision.io.decode_jpeg``: nvJPEG on CUDA), then resizes and crops it there. A file
+    that fails to decode there is dropped and counted like an unreadable one.
+
     Raises:
         DatasetNotFoundError: missing root, no class folders, or no images.
     """
@@ -309,10 +315,12 @@ class ImageFolderDataset(Dataset):
         load_size: int = 256,
         extensions: Sequence[str] = IMG_EXTENSIONS,
         split: str = "train",
+        decode_on_device: bool = False,
     ):
         if int(load_size) < 1:
             raise ValueError(f"load_size must be >= 1, got {load_size}")
         self.load_size = int(load_size)
+        self.decode_on_device = bool(decode_on_device)
         self.extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
         self.split = split
         self.root = self._resolve_root(Path(root), split)
@@ -402,21 +410,86 @@ class ImageFolderDataset(Dataset):
             arr = np.array(img, dtype=np.uint8)  # copy: writable, (s, s, 3)
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
+    def read(self, i: int) -> torch.Tensor:
+        """Item ``i`` for device decoding: a JPEG file's bytes as 1-D uint8 (told by its magic
+        number, not its name), any other format decoded by :meth:`load`; raises on a bad file."""
+        with open(self.path(i), "rb") as f:
+            data = f.read()
+        if data[:3] == _JPEG_MAGIC:
+            return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        return self.load(i)
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
         from PIL import Image
 
         try:
-            image = self.load(i)
+            image = self.read(i) if self.decode_on_device else self.load(i)
         except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
             # OSError covers PIL's UnidentifiedImageError and "image file is truncated".
             return None
         return image, int(self.targets[i])
 
+    def decode_batch(self, items: Sequence[torch.Tensor], device: torch.device | str = "cpu"
+                     ) -> tuple[torch.Tensor, list[int]]:
+        """Decode a batch of :meth:`read` results on ``device`` -> ``(uint8 (N, 3, s, s), bad)``.
+
+        JPEG bytes go through ONE ``torchvision.io.decode_jpeg(list, device=...)`` call (on CUDA
+        a batched nvJPEG decode; if it fails, each image is retried alone to find the bad ones),
+        then each is cut to its central square (at whole pixels; PIL's box is off by half a
+        pixel when ``w - h`` is odd) and resized to ``s x s`` there (bicubic, antialiased, as
+        PIL). Already decoded items are just moved. ``bad`` lists the positions in ``items``
+        that failed to decode; the images of the others come in their order.
+        """
+        from torchvision.io import ImageReadMode, decode_jpeg
+
+        device = torch.device(device)
+        out: list[torch.Tensor | None] = [None] * len(items)
+        jpeg = [k for k, t in enumerate(items) if t.dim() == 1]
+        for k, t in enumerate(items):
+            if t.dim() == 3:
+                out[k] = t.to(device, non_blocking=True)
+        with warnings.catch_warnings():  # torchvision 0.29 deprecates its image io for TorchCodec
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                decoded = decode_jpeg([items[k] for k in jpeg], mode=ImageReadMode.RGB, device=device)
+            except RuntimeError:  # a bad file fails the whole call: decode one by one
+                decoded = []
+                for k in jpeg:
+                    try:
+                        decoded.append(decode_jpeg(items[k], mode=ImageReadMode.RGB, device=device))
+                    except RuntimeError:
+                        decoded.append(None)
+        for k, img in zip(jpeg, decoded):
+            out[k] = None if img is None else _center_square(img, self.load_size)
+        bad = [k for k, img in enumerate(out) if img is None]
+        good = [img for img in out if img is not None]
+        if not good:
+            return torch.empty((0, *self.image_shape), dtype=torch.uint8, device=device), bad
+        return torch.stack(good), bad
+
     def __repr__(self) -> str:
         return (
             f"ImageFolderDataset(root={str(self.root)!r}, n={len(self)}, "
-            f"num_classes={self.num_classes}, load_size={self.load_size})"
+            f"num_classes={self.num_classes}, load_size={self.load_size}"
+            + (", decode_on_device=True)" if self.decode_on_device else ")")
         )
+
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+
+
+def _center_square(img: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 (3, H, W) -> its central square resized to (3, size, size), on the image's device."""
+    import torch.nn.functional as F
+
+    _, h, w = img.shape
+    m = min(h, w)
+    top, left = (h - m) // 2, (w - m) // 2
+    sq = img[:, top:top + m, left:left + m]
+    if m == size:
+        return sq.contiguous()
+    x = F.interpolate(sq[None].float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return x[0].round_().clamp_(0, 255).to(torch.uint8)
 
 
 # ----------------------------------------------------------------------------- torchvision sets
@@ -487,11 +560,14 @@ def build_dataset(
     split: str = "train",
     download: bool = False,
     load_size: int = 256,
+    decode_on_device: bool = False,
 ) -> Dataset:
     """Dataset for config ``data.name`` / ``data.root`` / ``data.download``.
 
     ``name``: fashion_mnist | image_folder | cifar10 | cifar100 | stl10 ('-' is read as '_').
-    ``load_size`` applies to image_folder only; image_folder needs ``root``.
+    ``load_size`` and ``decode_on_device`` (``data.decode_on_device``: JPEG bytes, decoded per
+    batch by the loader on its ``decode_device``) apply to image_folder only; image_folder
+    needs ``root``.
 
     Raises:
         ValueError: unknown name (lists the valid ones), or image_folder without root.
@@ -503,7 +579,7 @@ def build_dataset(
     if key == "image_folder":
         if root is None:
             raise ValueError("data.name=image_folder needs data.root (the folder of class folders)")
-        return ImageFolderDataset(root, load_size=load_size, split=split)
+        return ImageFolderDataset(root, load_size=load_size, split=split, decode_on_device=decode_on_device)
     if key in _TV_SPLITS:
         return load_torchvision(key, root, split=split, download=download)
     raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")

@@ -92,6 +92,17 @@ class _DropNoneCollate:
         return images, labels, bad
 
 
+class _RawCollate:
+    """For datasets that decode on the device: the items unstacked (JPEG bytes differ in length),
+    with their dataset indices, the labels and the indices of ``None`` items."""
+
+    def __call__(self, batch):
+        good = [(i, item) for i, item in batch if item is not None]
+        bad = torch.tensor([i for i, item in batch if item is None], dtype=torch.int64)
+        labels = torch.tensor([int(item[1]) for _, item in good], dtype=torch.int64)
+        return [i for i, _ in good], [item[0] for _, item in good], labels, bad
+
+
 class BatchLoader:
     """Deterministic, resumable batches ``(uint8 (B, C, H, W), int64 (B,))`` for one rank.
 
@@ -106,8 +117,12 @@ class BatchLoader:
             the ranks, so some may get fewer, possibly zero, items).
         rank, world_size: this process's slice of each global batch.
         workers: DataLoader worker processes (not used for in-memory sets).
-        pin_memory: pin batches (only when CUDA is available).
+        pin_memory: pin batches (only when CUDA is available), so that the training loop's
+            ``.to(device, non_blocking=True)`` overlaps the copy.
         limit: use only the first ``limit`` items of the dataset.
+        decode_device: where a dataset with ``decode_on_device`` (image folders, config
+            ``data.decode_on_device``) has each batch of JPEG bytes decoded (its
+            ``decode_batch``); batches then come on that device. Default: the CPU.
 
     Items that are ``None`` are dropped, so such batches are just smaller (an all-bad batch
     has 0 rows); ``skipped`` counts them and the first one triggers one warning naming it.
@@ -126,6 +141,7 @@ class BatchLoader:
         workers: int = 0,
         pin_memory: bool = False,
         limit: int | None = None,
+        decode_device: torch.device | str | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
@@ -145,6 +161,8 @@ class BatchLoader:
         self.workers = int(workers)
         self.pin_memory = bool(pin_memory)
         self.limit = limit
+        self.decode_device = torch.device(decode_device if decode_device is not None else "cpu")
+        self.decode_on_device = bool(getattr(dataset, "decode_on_device", False))
         self.num_items = len(dataset) if limit is None else min(int(limit), len(dataset))
         self.in_memory = isinstance(getattr(dataset, "images", None), torch.Tensor) and isinstance(
             getattr(dataset, "labels", None), torch.Tensor
@@ -196,21 +214,35 @@ class BatchLoader:
         images, labels = self.dataset.images, self.dataset.labels
         pin = self._pin()
         for idx in batches:
-            x, y = images[idx], labels[idx]  # one gather per batch, no per-item Python
-            if pin:
-                x, y = x.pin_memory(), y.pin_memory()
+            if pin:  # gather straight into pinned memory (one copy, not gather + pin)
+                x = torch.empty((len(idx), *images.shape[1:]), dtype=images.dtype, pin_memory=True)
+                torch.index_select(images, 0, idx, out=x)
+                y = labels[idx].pin_memory()
+            else:
+                x, y = images[idx], labels[idx]  # one gather per batch, no per-item Python
             yield x, y
 
     def _iter_loader(self, batches):
+        raw = self.decode_on_device
         loader = DataLoader(
             _Indexed(self.dataset),
             batch_sampler=[b.tolist() for b in batches],
             num_workers=self.workers,
-            collate_fn=_DropNoneCollate(getattr(self.dataset, "image_shape", None)),
+            collate_fn=_RawCollate() if raw else _DropNoneCollate(getattr(self.dataset, "image_shape", None)),
             pin_memory=self._pin(),
             persistent_workers=False,
         )
-        for x, y, bad in loader:
+        for batch in loader:
+            if raw:
+                index, items, y, bad = batch
+                x, failed = self.dataset.decode_batch(items, self.decode_device)
+                if failed:  # decoded on the device but broken: dropped and counted as well
+                    keep = torch.ones(len(items), dtype=torch.bool)
+                    keep[failed] = False
+                    y = y[keep]
+                    bad = torch.cat([bad, torch.tensor([index[k] for k in failed], dtype=torch.int64)])
+            else:
+                x, y, bad = batch
             if len(bad):
                 self._report_skipped(bad.tolist())
             yield x, y

@@ -12,10 +12,14 @@ How it is batched:
   ``torch.Generator`` seeded with ``seed`` (small tensors), so the output depends only on
   ``(images, seed)``: not on the global RNG or the thread count, nor (up to float rounding)
   on the device.
-* All crops of all images come from ONE ``F.grid_sample`` call (bicubic, align_corners=False,
-  border padding): each crop is an axis-aligned affine box (flip folded in as a negative x scale)
-  and the grids of all crops of an image are laid end to end in one ``(B, 1, P, 2)`` grid. The
-  output ``(B, 3, P)`` is worked on in place and is the returned memory: each crop is a view
+* Crops are bicubic (a=-0.75, align_corners=False, border padding) resamplings of axis-aligned
+  boxes, flip folded in as a negative x scale: ``grid_sample``'s sampling of the box's affine
+  grid (:func:`resized_crop` is that reference). On the GPU all crops of all images come from
+  ONE ``F.grid_sample`` call, the grids of an image's crops laid end to end. On the CPU the same
+  taps run as two separable passes (:meth:`MultiCrop._resize_separable`: ``embedding_bag``
+  gather-and-sum over rows, with one transpose in between), several times faster than the
+  16-tap ``grid_sample`` and equal to it up to float rounding (~2e-6).
+  The output ``(B, 3, P)`` is worked on in place and is the returned memory: each crop is a view
   ``(B, 3, S, S)`` of it (batch stride ``3 * P``; ``.contiguous()`` where a dense tensor is needed).
 * Colour jitter uses torchvision's per-image random factors, but ONE random order of the four
   adjustments per crop group (global1, global2, each local) and call, where torchvision's
@@ -23,14 +27,18 @@ How it is batched:
   Images that skip the jitter (p=0.2) get identity factors, which are exact no-ops.
 * Hue, grayscale, blur and solarize only touch the images drawn for them (``index_select`` /
   ``index_copy_`` with indices computed on the CPU, so nothing waits on the device).
-* Blur: separable Gaussian with per-image sigma via two grouped (depthwise) convolutions over the
-  subset, radius ``ceil(3 * max sigma)`` over the crop group (at most S - 1), reflect padding
-  (as torchvision).
-* CPU only: scratch tensors are kept between calls (fresh CPU memory costs page faults worth
-  ~10 elementwise passes), so an instance must not be used by two threads at once; and each
-  crop group is processed a few images at a time so that its ~40 elementwise passes run in
-  cache. Neither changes the results. On the CPU about half the time is the bicubic
-  ``grid_sample``; ``benchmarks/augment_throughput.py`` compares with DINO's PIL pipeline.
+* Blur: separable Gaussian with per-image sigma, radius ``ceil(3 * blur_sigma[1])`` (at most
+  S - 1; fixed by the config, so an image's crops never depend on the rest of the batch), reflect
+  padding (as torchvision); on the GPU two grouped (depthwise)
+  convolutions, on the CPU two ``embedding_bag`` passes with the reflection folded into the
+  indices (:func:`_blur_rows`: its cost is per image, where oneDNN pads channels to 16).
+* CPU only: images go a few at a time (``CHUNK_PIXELS``): a chunk's crops are made and then
+  jittered, blurred and normalised while they are in cache (on whole 64-image groups memory
+  traffic makes the ~40 elementwise passes 2-5x slower). Scratch tensors are kept between calls
+  and the returned buffer is recycled once nothing refers to it any more (fresh CPU memory costs
+  page faults worth ~10 elementwise passes), so an instance must not be used by two threads at
+  once. None of this changes the results. ``benchmarks/augment_throughput.py`` compares with
+  DINO's per-image PIL pipeline (2x224 + 8x96 crops: ~3.3-3.6x its images/s on one core).
 
 Known differences from DINO's PIL pipeline (all in the direction of torchvision's tensor ops):
 crop boxes are continuous (sub-pixel) instead of rounded to whole pixels; bicubic uses
@@ -54,6 +62,8 @@ __all__ = [
     "SOLARIZE_THRESHOLD",
     "crop_grid",
     "resized_crop",
+    "resized_crop_separable",
+    "cubic_taps",
     "rgb_to_grayscale",
     "adjust_brightness",
     "adjust_contrast",
@@ -181,6 +191,63 @@ def resized_crop(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor,
     grid = crop_grid(boxes.to(images.device, torch.float32), flips.to(images.device), size)
     out = F.grid_sample(images, grid, mode="bicubic", padding_mode="border", align_corners=False)
     return out.clamp_(0, 1)  # bicubic overshoots
+
+
+#: PyTorch's bicubic convolution constant (``grid_sample`` / ``interpolate``); PIL uses -0.5.
+CUBIC_A = -0.75
+
+
+def cubic_taps(start: torch.Tensor, extent: torch.Tensor, flip: torch.Tensor | None, size: int,
+               length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bicubic taps along one axis for crops resized to ``size`` samples.
+
+    ``start``/``extent`` (...) are the crop's offset and length as fractions of the axis
+    ``length`` (in pixels); ``flip`` (...) bool mirrors it. Output sample ``t`` reads the source
+    coordinate ``(start + extent * u) * length - 0.5`` with ``u = (t + 0.5) / size`` (``1 - u``
+    when flipped): ``grid_sample``'s align_corners=False mapping of the crop's affine grid.
+    Returns the 4 tap indices (..., size, 4) int64, clamped into ``[0, length - 1]`` (that is
+    ``grid_sample``'s "border" padding, which clips every tap), and their weights (..., size, 4)
+    float32 (PyTorch's cubic convolution, ``a = -0.75``). Coordinates are computed in float64.
+    """
+    u = (torch.arange(size, dtype=torch.float64, device=start.device) + 0.5) / size
+    u = u.expand(*start.shape, size)
+    if flip is not None:
+        u = torch.where(flip[..., None], 1 - u, u)
+    pix = (start.double()[..., None] + extent.double()[..., None] * u) * length - 0.5
+    base = pix.floor()
+    t = (pix - base).float()[..., None]
+    a = CUBIC_A
+    d = torch.cat((t + 1, t, 1 - t, 2 - t), -1)  # distances to the 4 taps
+    near = ((a + 2) * d - (a + 3)) * d * d + 1  # |d| <= 1
+    far = ((a * d - 5 * a) * d + 8 * a) * d - 4 * a  # 1 < |d| < 2
+    weights = torch.cat((far[..., :1], near[..., 1:3], far[..., 3:]), -1)
+    idx = base.long()[..., None] + torch.arange(-1, 3, device=start.device)
+    return idx.clamp_(0, length - 1), weights
+
+
+def resized_crop_separable(images: torch.Tensor, boxes: torch.Tensor, flips: torch.Tensor,
+                           size: int) -> torch.Tensor:
+    """:func:`resized_crop` as two separable passes (reference implementation, no chunking).
+
+    ``images`` float (N, C, H, W), ``boxes`` (N, K, 4), ``flips`` (N, K): returns (N, K, C, S, S),
+    equal to ``resized_crop`` of each box up to float rounding. :class:`MultiCrop` runs the same
+    two passes in cache-sized chunks; see :meth:`MultiCrop._resize_separable`.
+    """
+    n, c, h, w = images.shape
+    k = boxes.shape[1]
+    ix, wx = cubic_taps(boxes[..., 1], boxes[..., 3], flips, size, w)
+    iy, wy = cubic_taps(boxes[..., 0], boxes[..., 2], None, size, h)
+    table = images.transpose(2, 3).reshape(n * c * w, h)  # rows: image columns
+    rows = torch.arange(n * c).view(n, 1, c, 1, 1) * w
+    t1 = F.embedding_bag((rows + ix[:, :, None]).view(-1, 4), table,
+                         per_sample_weights=wx[:, :, None].expand(n, k, c, size, 4).reshape(-1, 4),
+                         mode="sum")
+    t1 = t1.view(n * k * c, size, h).transpose(1, 2).reshape(n * k * c * h, size)
+    rows = torch.arange(n * k * c).view(n, k, c, 1, 1) * h
+    t2 = F.embedding_bag((rows + iy[:, :, None]).view(-1, 4), t1,
+                         per_sample_weights=wy[:, :, None].expand(n, k, c, size, 4).reshape(-1, 4),
+                         mode="sum")
+    return t2.view(n, k, c, size, size).clamp_(0, 1)
 
 
 def _col(v, x: torch.Tensor) -> torch.Tensor:
@@ -322,7 +389,7 @@ def gaussian_blur(x: torch.Tensor, sigma, radius: int | None = None,
     r = min(int(radius), h - 1, w - 1)  # reflect padding needs pad < size
     if r <= 0 or n == 0:
         return x.clone()
-    return _blur(x, _gaussian_kernels(sigma, r), ws)
+    return _blur(x, _gaussian_kernels(sigma, r), ws).contiguous()
 
 
 def _gaussian_kernels(sigma: torch.Tensor, r: int) -> torch.Tensor:
@@ -333,17 +400,59 @@ def _gaussian_kernels(sigma: torch.Tensor, r: int) -> torch.Tensor:
 
 
 def _blur(x: torch.Tensor, kern: torch.Tensor, ws: _Workspace | None = None) -> torch.Tensor:
-    """Separable blur of ``x`` (N, C, H, W) with per-image kernels ``kern`` (N, 2r+1), reflect padding."""
+    """Separable blur of ``x`` (N, C, H, W) with per-image kernels ``kern`` (N, 2r+1), reflect padding.
+
+    CPU: :func:`_blur_rows` (gather-and-sum; returns a transposed view). Elsewhere: two grouped
+    (depthwise) convolutions.
+    """
+    if x.device.type == "cpu":
+        return _blur_rows(x, kern, ws)
+    return _blur_conv(x, kern, ws)
+
+
+def _blur_conv(x: torch.Tensor, kern: torch.Tensor, ws: _Workspace | None = None) -> torch.Tensor:
+    """:func:`_blur` as two grouped convolutions (each image its own channel group, so it gets
+    its own kernel), one axis at a time, on reflect-padded copies."""
     n, c, h, w = x.shape
     r = kern.shape[1] // 2
     kern = kern.repeat_interleave(c, 0)  # (N*C, 2r+1)
-    # Each image is its own channel group, so it gets its own kernel; one axis at a time.
     planes = x.reshape(1, n * c, h, w)
     y = F.conv2d(_reflect_pad_into(planes, _scratch(ws, "pad_v", (1, n * c, h + 2 * r, w), x), r, 2),
                  kern.view(n * c, 1, -1, 1), groups=n * c)
     y = F.conv2d(_reflect_pad_into(y, _scratch(ws, "pad_h", (1, n * c, h, w + 2 * r), x), r, 3),
                  kern.view(n * c, 1, 1, -1), groups=n * c)
     return y.view(n, c, h, w)
+
+
+def _reflect_taps(size: int, r: int, device) -> torch.Tensor:
+    """(size, 2r+1) indices of the taps ``t - r .. t + r`` of each position, reflected at the
+    edges as ``F.pad(mode="reflect")`` (needs ``r < size``)."""
+    t = (torch.arange(size, device=device)[:, None] + torch.arange(-r, r + 1, device=device)).abs_()
+    return torch.where(t > size - 1, 2 * (size - 1) - t, t)
+
+
+def _blur_rows(x: torch.Tensor, kern: torch.Tensor, ws: _Workspace | None = None) -> torch.Tensor:
+    """:func:`_blur` as two ``F.embedding_bag`` passes; returns a (N, C, H, W) transposed view.
+
+    Each blurred row is a weighted sum of 2r+1 rows (reflection folded into the indices), one
+    ``embedding_bag`` over the rows of ``x``; then the same over the rows of the transposed
+    result. Unlike a depthwise convolution (oneDNN pads the channels to blocks of 16), the cost
+    is per image, and no padded copies are made. The result is the transposed buffer, viewed
+    back: copy it where it belongs.
+    """
+    n, c, h, w = x.shape
+    k = kern.shape[1]
+    r = k // 2
+    kern = kern.repeat_interleave(c, 0)[:, None, :]  # (N*C, 1, 2r+1)
+    planes = (torch.arange(n * c, device=x.device) * h).view(n * c, 1, 1)
+    y = F.embedding_bag((planes + _reflect_taps(h, r, x.device)).view(-1, k), x.reshape(n * c * h, w),
+                        per_sample_weights=kern.expand(n * c, h, k).reshape(-1, k), mode="sum")  # columns
+    yt = _scratch(ws, "blur_t", (n * c, w, h), y)
+    yt.copy_(y.view(n * c, h, w).transpose(1, 2))
+    planes = (torch.arange(n * c, device=x.device) * w).view(n * c, 1, 1)
+    z = F.embedding_bag((planes + _reflect_taps(w, r, x.device)).view(-1, k), yt.view(n * c * w, h),
+                        per_sample_weights=kern.expand(n * c, w, k).reshape(-1, k), mode="sum")  # rows
+    return z.view(n, c, w, h).transpose(2, 3)
 
 
 def solarize(x: torch.Tensor, threshold: float = SOLARIZE_THRESHOLD) -> torch.Tensor:
@@ -416,11 +525,19 @@ class MultiCrop:
     """Batched DINO multi-crop: ``MultiCrop(cfg)(uint8 images, seed) -> [g1, g2, l1..lN]``."""
 
     N_TRIES = 10  # torchvision RandomResizedCrop's attempts before the center-crop fallback
-    CHUNK_PIXELS = 1 << 18  # CPU: crop groups go in chunks of ~this many pixels (3 MB), in cache
+    #: ``sample_params`` entries shared by the batch (not per image): kept whole when a rank
+    #: takes its slice of the global batch's parameters (engine/trainer.py ``rank_crops``)
+    SHARED_PARAMS = ("jitter_order",)
+    CHUNK_PIXELS = 1 << 19  # CPU: images go in chunks of ~this many pixels of their largest crop
+    RESIZE_CHUNK = 1 << 19  # CPU: the separable resize goes in chunks of ~this many floats (2 MB)
+    #: resize crops with two separable passes (True) or one bicubic ``grid_sample`` (False);
+    #: None: separable on the CPU, grid_sample elsewhere. Same results up to float rounding.
+    separable: bool | None = None
 
     def __init__(self, cfg: MultiCropConfig | None = None):
         self.cfg = cfg or MultiCropConfig()
         self._ws = _Workspace()
+        self._out_pool: list[tuple[torch.Tensor, int]] = []  # see _output_buffer
 
     @property
     def n_crops(self) -> int:
@@ -518,28 +635,67 @@ class MultiCrop:
         call and no copy; call ``.contiguous()`` on a crop where a dense tensor is needed.
         """
         _check(images)
-        cfg, dev, ws = self.cfg, images.device, self._ws
-        b, c, hgt, wid = images.shape
-        # Input as float with a 2-pixel replicated border. Bicubic taps reach at most 2 pixels
-        # outside a box that lies in the image, so grid_sample's cheaper "zeros" padding then
-        # gives exactly "border" padding (~13% faster).
-        x = ws.get("input", (b, c, hgt + 2 * _PAD, wid + 2 * _PAD), dev)
-        inner = x[:, :, _PAD:-_PAD, _PAD:-_PAD]
-        if images.dtype == torch.uint8:
-            torch.div(images, 255.0, out=inner)
+        cfg, dev = self.cfg, images.device
+        b, c = images.shape[:2]
+        sizes = [cfg.global_size] * 2 + [cfg.local_size] * cfg.n_local
+        numels = [s * s for s in sizes]
+        mean, std = torch.tensor(cfg.mean).view(3, 1), torch.tensor(cfg.std).view(3, 1)
+        norm = ((1 / std).to(dev), (-mean / std).to(dev))  # x * (1/std) + (-mean/std)
+        plans = [_to_device(self._plan(params, j, s), dev) for j, s in enumerate(sizes)]
+        # On the CPU, a few images at a time: the crops of a chunk are made and then worked on
+        # while they are in cache (on whole 64-image groups, memory traffic makes the colour
+        # ops, blur and hue 2-5x slower). Elsewhere the whole batch at once.
+        step = b if dev.type != "cpu" else max(1, min(b, self.CHUNK_PIXELS // max(sizes) ** 2))
+        separable = self.separable if self.separable is not None else dev.type == "cpu"
+        if separable:
+            resize = self._resize_plan(images, params, sizes, step)
+            out = self._output_buffer((b, 3, sum(numels)), dev)
         else:
-            inner.copy_(images)
+            out = self._resize_grid_sample(images, params, sizes)
+            if c == 1:  # grayscale input -> RGB
+                out = out.expand(b, 3, out.shape[-1]).contiguous()
+        crops = [v.view(b, 3, s, s) for v, s in zip(out.split(numels, 2), sizes)]
+        xs = [crop.view(b, 3, -1) for crop in crops]
+        chunks = [_chunk_plans(plan, b, step) for plan in plans]
+        for lo in range(0, b, step):
+            hi = min(b, lo + step)
+            if separable:
+                self._resize_separable(images, lo, hi, out, resize)
+            for x, s, parts in zip(xs, sizes, chunks):
+                _, _, part = next(parts)
+                self._color_(x[lo:hi], part)
+                self._blur_(x[lo:hi], part, s)
+                self._finish_(x[lo:hi], part, norm)
+        return crops
+
+    def _input_float(self, images: torch.Tensor, name: str, shape, view) -> torch.Tensor:
+        """``images`` as float in [0, 1], written through ``view(buffer)`` of a scratch buffer."""
+        buf = self._ws.get(name, shape, images.device)
+        dst = view(buf)
+        if images.dtype == torch.uint8:
+            torch.div(images, 255.0, out=dst)  # the only uint8 -> float pass
+        else:
+            dst.copy_(images)
+        return buf
+
+    def _resize_grid_sample(self, images: torch.Tensor, params: dict, sizes: list[int]) -> torch.Tensor:
+        """Every crop of every image with one bicubic ``grid_sample`` -> (B, C, P), unclamped.
+
+        The grids of all crops of an image are laid end to end. The input gets a 2-pixel
+        replicated border: bicubic taps reach at most 2 pixels outside a box that lies in the
+        image, so grid_sample's cheaper "zeros" padding then gives exactly "border" padding.
+        """
+        dev, ws = images.device, self._ws
+        b, c, hgt, wid = images.shape
+        x = self._input_float(images, "input", (b, c, hgt + 2 * _PAD, wid + 2 * _PAD),
+                              lambda buf: buf[:, :, _PAD:-_PAD, _PAD:-_PAD])
         for dim in (2, 3):  # rows, then columns (full height: fills the corners)
             n = x.shape[dim]
             for edge, src in ((0, _PAD), (n - _PAD, n - _PAD - 1)):
                 band = x.narrow(dim, edge, _PAD)
                 band.copy_(x.narrow(dim, src, 1).expand_as(band))
         fit = (wid / (wid + 2 * _PAD), hgt / (hgt + 2 * _PAD))
-
-        # --- every crop of every image with one grid_sample: the grids laid end to end per image
-        sizes = [self.cfg.global_size] * 2 + [self.cfg.local_size] * self.cfg.n_local
-        numels = [s * s for s in sizes]
-        grid = ws.get("grid", (b, sum(numels), 2), dev)
+        grid = ws.get("grid", (b, sum(s * s for s in sizes), 2), dev)
         box = params["box"].to(dev, torch.float32, non_blocking=True)
         flip = params["flip"].to(dev, non_blocking=True)
         first = offset = 0
@@ -547,43 +703,114 @@ class MultiCrop:
             part = grid[:, offset:offset + n * size * size].view(b, n, size, size, 2)
             crop_grid(box[:, first:first + n], flip[:, first:first + n], size, out=part, fit=fit)
             first, offset = first + n, offset + n * size * size
-        out = F.grid_sample(x, grid.unsqueeze(1), mode="bicubic", padding_mode="zeros",
-                            align_corners=False)[:, :, 0]  # (B, C, P)
-        if c == 1:  # grayscale input -> RGB
-            out = out.expand(b, 3, out.shape[-1]).contiguous()
+        return F.grid_sample(x, grid.unsqueeze(1), mode="bicubic", padding_mode="zeros",
+                             align_corners=False)[:, :, 0]
 
-        mean, std = torch.tensor(cfg.mean).view(3, 1), torch.tensor(cfg.std).view(3, 1)
-        norm = ((1 / std).to(dev), (-mean / std).to(dev))  # x * (1/std) + (-mean/std)
-        crops = [v.view(b, 3, s, s) for v, s in zip(out.split(numels, 2), sizes)]
-        for j, (crop, s) in enumerate(zip(crops, sizes)):
-            plan = _to_device(self._plan(params, j, s), dev)
-            x = crop.view(b, 3, -1)
-            # On the CPU, a few images at a time: all ops on a chunk run while it is in cache
-            # (on a whole 64-image group, memory traffic makes blur and hue 2-5x slower).
-            step = b if dev.type != "cpu" else max(1, self.CHUNK_PIXELS // (s * s))
-            # But a blur convolution costs about the same for 1 to 5 images (oneDNN works in
-            # blocks of 16 channels): a sparse blur subset (global2, p=0.1) is blurred in one go.
-            blur_apart = step < b and 2 * plan["blur_idx"].numel() < b
-            for lo, hi, part in _chunk_plans(plan, b, step):
-                self._color_(x[lo:hi], part)
-                if not blur_apart:
-                    self._blur_(x[lo:hi], part, s)
-                    self._finish_(x[lo:hi], part, norm)
-            if blur_apart:
-                self._blur_(x, plan, s)
-                self._finish_(x, plan, norm)
-        return crops
+    def _resize_plan(self, images: torch.Tensor, params: dict, sizes: list[int], step: int) -> dict:
+        """Taps of the separable resize (see :meth:`_resize_separable`) for chunks of ``step`` images.
+
+        Per run of equal crop sizes: ``embedding_bag`` indices and weights ``(B, bags, 4)``, bags
+        in (image, crop, channel, output index) order; indices address the rows of a sub-chunk
+        of ``sub`` images (``sub`` divides ``step``), so any aligned slice of images can run.
+        """
+        dev = images.device
+        b, c, hgt, wid = images.shape
+        runs = _runs(sizes)
+        per_image = max(n * size for size, n in runs) * c * max(hgt, wid)  # floats of intermediate
+        sub = max(1, min(step, self.RESIZE_CHUNK // per_image)) if dev.type == "cpu" else step
+        while step % sub:
+            sub -= 1
+        box, flip = params["box"].cpu(), params["flip"].cpu()
+        local = torch.arange(b).view(b, 1, 1, 1, 1) % sub  # image index within its sub-chunk
+        chan = torch.arange(c).view(1, 1, c, 1, 1)
+        taps, first = [], 0
+        for size, n in runs:
+            bx, fl = box[:, first:first + n], flip[:, first:first + n]
+            ix, wx = cubic_taps(bx[..., 1], bx[..., 3], fl, size, wid)  # (B, n, S, 4)
+            iy, wy = cubic_taps(bx[..., 0], bx[..., 2], None, size, hgt)
+            i1 = (local * c + chan) * wid + ix[:, :, None]  # rows (image, channel, column)
+            i2 = ((local * n + torch.arange(n).view(1, n, 1, 1, 1)) * c + chan) * hgt + iy[:, :, None]
+            shape = (b, n * c * size, 4)
+            w1 = wx[:, :, None].expand(b, n, c, size, 4).reshape(shape)
+            w2 = wy[:, :, None].expand(b, n, c, size, 4).reshape(shape)
+            run = [i1.view(shape), w1, i2.view(shape), w2]
+            if dev.type != "cpu":
+                run = [t.to(dev, non_blocking=True) for t in run]
+            taps.append(run)
+            first += n
+        return {"runs": runs, "taps": taps, "sub": sub}
+
+    def _resize_separable(self, images: torch.Tensor, lo: int, hi: int, out: torch.Tensor, plan: dict) -> None:
+        """Crops of images ``lo:hi`` into ``out[lo:hi]`` (B, 3, P), unclamped: two separable passes.
+
+        A crop is ``Ry X Rx^T`` with sparse (4 taps a row) resampling matrices, so per run of
+        equal crop sizes S: (1) each crop column ``t`` = 4 weighted image columns, an
+        ``F.embedding_bag`` over the rows of the transposed input ``(C*W, H)`` -> (S, H) per
+        crop and channel; (2) transpose that to (H, S) (a copy); (3) each crop row ``s`` = 4
+        weighted rows of it, another ``embedding_bag`` -> (S, S). ``embedding_bag``'s
+        gather-and-sum kernel (fbgemm on x86) is several times faster than ``grid_sample``'s
+        16-tap bicubic, whose taps it equals up to float rounding (~2e-6). The uint8 -> float
+        conversion is the copy into the transposed input. On the CPU this goes ``plan["sub"]``
+        images at a time (``RESIZE_CHUNK`` floats of intermediate), so that it runs in cache;
+        results do not depend on the chunking. One-channel images are made RGB at the end.
+        """
+        dev, ws = images.device, self._ws
+        _, c, hgt, wid = images.shape
+        sub = plan["sub"]
+        for a in range(lo, hi, sub):
+            z = min(hi, a + sub)
+            m = z - a
+            xt = ws.get("input_t", (m, c, wid, hgt), dev)
+            xt.copy_(images[a:z].transpose(2, 3))  # -> float, transposed
+            if images.dtype == torch.uint8:
+                xt.div_(255.0)  # in cache; the same floats as images.float() / 255
+            table = xt.view(m * c * wid, hgt)
+            offset = 0
+            for (size, n), (i1, w1, i2, w2) in zip(plan["runs"], plan["taps"]):
+                t1 = F.embedding_bag(i1[a:z].reshape(-1, 4), table, mode="sum",
+                                     per_sample_weights=w1[a:z].reshape(-1, 4))  # (m*n*c*S, H)
+                t1t = ws.get("resize_t", (m * n * c, hgt, size), dev)
+                t1t.copy_(t1.view(m * n * c, size, hgt).transpose(1, 2))
+                t2 = F.embedding_bag(i2[a:z].reshape(-1, 4), t1t.view(-1, size), mode="sum",
+                                     per_sample_weights=w2[a:z].reshape(-1, 4))  # (m*n*c*S, S)
+                dest = out[a:z, :, offset:offset + n * size * size].view(m, 3, n, size * size)
+                dest.copy_(t2.view(m, n, c, size * size).transpose(1, 2).expand(m, 3, n, size * size))
+                offset += n * size * size
+
+    def _output_buffer(self, shape, device) -> torch.Tensor:
+        """A buffer for the returned crops: fresh, or on the CPU a previous one nobody holds any more.
+
+        Fresh CPU memory is page-faulted in on first touch (~10x the cost of writing it once
+        it is mapped: for 2x224 + 8x96 crops of 64 images, ~75 ms a batch). The last two
+        output buffers are kept and one is reused once no tensor other than this pool's refers
+        to its storage (every crop and view of it is gone), so outputs are never overwritten
+        while anything can still read them. Without ``torch._C._storage_Use_Count``: fresh.
+        """
+        use_count = getattr(torch._C, "_storage_Use_Count", None)
+        if torch.device(device).type != "cpu" or use_count is None:
+            return torch.empty(shape, device=device)
+        numel = math.prod(shape)
+        pool = self._out_pool
+        for i, (buf, free_count) in enumerate(pool):
+            if buf.numel() >= numel and use_count(buf.untyped_storage()._cdata) == free_count:
+                return buf[:numel].view(shape)
+        buf = torch.empty(numel, device=device)
+        pool.append((buf, use_count(buf.untyped_storage()._cdata)))
+        del pool[:-2]
+        return buf.view(shape)
 
     def _plan(self, params: dict, j: int, s: int) -> dict:
         """CPU-side plan for crop group ``j`` (size ``s``): per-image factors, image indices per op,
-        and the blur kernels (radius ``ceil(3 * max sigma)`` of the group, at most ``s - 1``)."""
+        and the blur kernels: radius ``ceil(3 * blur_sigma[1])`` (the config's largest sigma), at most
+        ``s - 1``, so that an image's blur does not depend on the other images of the batch (DDP:
+        a rank's slice of the global batch gets the crops one process makes)."""
         jit = params["jitter"][:, j]
         # identity factors for images that skip the jitter: exact no-ops
         ident = torch.tensor([1.0, 1.0, 1.0, 0.0])
         factors = torch.where(jit[:, None], params["jitter_factors"][:, j].float(), ident)
         blur = params["blur"][:, j]
         sigma = params["blur_sigma"][:, j][blur].float()
-        radius = min(math.ceil(3 * float(sigma.max())), s - 1) if sigma.numel() else 0
+        radius = min(math.ceil(3 * self.cfg.blur_sigma[1]), s - 1) if sigma.numel() else 0
         return {"factors": factors, "order": params["jitter_order"][j].tolist(), "hue_idx": _idx(jit),
                 "gray_idx": _idx(params["grayscale"][:, j]), "blur_idx": _idx(blur),
                 "blur_kern": _gaussian_kernels(sigma, max(radius, 0)), "blur_radius": radius,
@@ -607,10 +834,15 @@ class MultiCrop:
         self._subset_(x, plan["gray_idx"], self._gray)
 
     def _blur_(self, x: torch.Tensor, plan: dict, s: int) -> None:
-        if plan["blur_radius"] > 0:
-            kern, ws = plan["blur_kern"], self._ws
-            self._subset_(x, plan["blur_idx"],
-                          lambda sub, idx: _blur(sub.view(-1, 3, s, s), kern, ws).view(sub.shape))
+        idx = plan["blur_idx"]
+        if plan["blur_radius"] <= 0 or idx.numel() == 0:
+            return
+        x = x.view(x.shape[0], 3, s, s)
+        if idx.numel() == x.shape[0]:
+            x.copy_(_blur(x, plan["blur_kern"], self._ws))
+        else:
+            sub = torch.index_select(x, 0, idx, out=self._ws.get("subset", (idx.numel(), 3, s, s), x.device))
+            x.index_copy_(0, idx, _blur(sub, plan["blur_kern"], self._ws))
 
     def _finish_(self, x: torch.Tensor, plan: dict, norm: tuple) -> None:
         """Solarize -> normalise."""

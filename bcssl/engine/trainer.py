@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import signal
+import threading
 import time
 from dataclasses import dataclass
 
@@ -18,6 +20,7 @@ from tqdm.auto import tqdm
 from bcssl.data import BatchLoader, build_dataset
 from bcssl.data.multicrop import MultiCrop, MultiCropConfig
 from bcssl.engine import checkpoint as ckpt
+from bcssl.engine import distributed as ddp
 from bcssl.engine.optim import build_optimizer
 from bcssl.engine.run_dir import MetricsLog, run_dir_of, save_config
 from bcssl.engine.schedules import cosine_schedule
@@ -28,6 +31,33 @@ log = logging.getLogger("bcssl")
 
 class TrainingError(RuntimeError):
     """Training cannot go on (e.g. the loss stayed non-finite); the message says why."""
+
+
+PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")  # Slurm/Kubernetes preemption, `scancel --signal=USR1`
+
+
+class PreemptionFlag:
+    """Set by SIGTERM/SIGUSR1 while training: the loop then saves a checkpoint at the next step
+    boundary and returns normally (exit code 0), so a requeued job resumes where this one stopped."""
+
+    def __init__(self):
+        self.signal: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signals only go to the main thread
+            for name in PREEMPT_SIGNALS:
+                sig = getattr(signal, name, None)
+                if sig is not None:
+                    self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,6 +109,8 @@ class TrainResult:
     imgs_per_s: float
     knn_top1: float | None
     nonfinite_steps: int
+    preempted: str | None = None  # the signal that stopped the run early (checkpoint saved), if any
+    world_size: int = 1
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -88,37 +120,82 @@ def build_method(cfg: DictConfig) -> SSLMethod:
     return create_method(cfg.method.name, cfg.model, cfg.method)
 
 
+def rank_crops(multicrop: MultiCrop, images: torch.Tensor, seed: int, dist: ddp.DistInfo) -> list[torch.Tensor]:
+    """This rank's crops: the random parameters are drawn for the whole global batch and this
+    rank takes its slice, so W ranks make exactly the crops one process makes for the global batch."""
+    if not dist.enabled:
+        return multicrop(images, seed=seed)
+    b = images.shape[0]
+    params = multicrop.sample_params(b * dist.world_size, seed, image_size=tuple(images.shape[-2:]))
+    lo, hi = dist.rank * b, (dist.rank + 1) * b
+    params = {k: v if k in MultiCrop.SHARED_PARAMS else v[lo:hi] for k, v in params.items()}
+    return multicrop.apply(images, params)
+
+
+class _NoMetrics:
+    """What ranks other than 0 log to: nothing."""
+
+    def write(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def train(cfg: DictConfig, *, knn_eval=None) -> TrainResult:
     """Pre-train with ``cfg``; resumes from ``<run_dir>/checkpoint.pt`` when one exists.
 
     ``knn_eval(method, epoch) -> dict`` (optional) is the k-NN monitor called every
-    ``eval.knn_every`` epochs and after the last one.
+    ``eval.knn_every`` epochs and after the last one (on rank 0).
+
+    Under ``torchrun`` (WORLD_SIZE > 1) each process trains on its slice of every global batch
+    (``train.batch_size`` per process) with DDP and SyncBatchNorm; rank 0 alone logs, evaluates
+    and writes checkpoints. SIGTERM/SIGUSR1 save a checkpoint and return early (``preempted``).
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(cfg.device)
-    run_dir = run_dir_of(cfg)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    dist, device = ddp.init_distributed(cfg.device)
+    if not dist.enabled:
+        device = resolve_device(cfg.device)
+    try:
+        with PreemptionFlag() as preempt:
+            return _train(cfg, knn_eval, dist, device, preempt)
+    finally:
+        if dist.enabled:
+            ddp.shutdown_distributed()
 
-    dataset = build_dataset(cfg.data.name, root=cfg.data.root, split=cfg.data.split,
-                            download=cfg.data.download, load_size=cfg.data.load_size)
+
+def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, preempt: PreemptionFlag) -> TrainResult:
+    run_dir = run_dir_of(cfg)
+    if dist.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    dataset = build_dataset(cfg.data.name, root=cfg.data.root, split=cfg.data.split, download=cfg.data.download,
+                            load_size=cfg.data.load_size, decode_on_device=cfg.data.decode_on_device)
     loader = BatchLoader(dataset, cfg.train.batch_size, seed=cfg.seed, shuffle=True, drop_last=True,
-                         workers=cfg.data.workers, pin_memory=device.type == "cuda", limit=cfg.data.limit)
+                         workers=cfg.data.workers, pin_memory=device.type == "cuda", limit=cfg.data.limit,
+                         rank=dist.rank, world_size=dist.world_size, decode_device=device)
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise TrainingError(f"{len(dataset)} training images (data.limit={cfg.data.limit}) give no full "
-                            f"batch of train.batch_size={cfg.train.batch_size}")
+                            f"batch of train.batch_size={cfg.train.batch_size} x {dist.world_size} processes")
     epochs = cfg.train.epochs
     total_steps = steps_per_epoch * epochs
-    global_batch = cfg.train.batch_size  # x world size once distributed
+    global_batch = cfg.train.batch_size * dist.world_size
     base_lr = cfg.train.lr * global_batch / 256  # DINO's linear scaling rule
     warmup_steps = min(cfg.train.warmup_epochs * steps_per_epoch, total_steps)
 
     torch.manual_seed(cfg.seed)  # model initialisation
     method = build_method(cfg)
     method.setup(steps_per_epoch, epochs)
+    if dist.enabled:  # every BN sees the global batch, as in one process (BC-SSL has one per block)
+        method = ddp.convert_sync_batchnorm(method, device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     method.to(device=device, memory_format=memory_format)
+    if cfg.train.compile:  # in place (nn.Module.compile): state_dict keys and checkpoints unchanged
+        parts = [getattr(method.student, k, None) for k in ("backbone", "head")]
+        for part in [p for p in parts if p is not None] or [method.student]:
+            part.compile(backend=cfg.train.compile_backend, dynamic=False)  # one graph per crop size
     multicrop = multicrop_from_config(cfg.crops)
     try:
         optimizer = build_optimizer(cfg.train.optimizer, param_groups(method.student), lr=base_lr,
@@ -133,6 +210,14 @@ def train(cfg: DictConfig, *, knn_eval=None) -> TrainResult:
     autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
                 if amp != "none" else contextlib.nullcontext())
 
+    # One DDP forward per step = the method's whole loss (students called once per view inside);
+    # the teacher/target has no gradients, so DDP only averages the student's.
+    step_fn = method
+    if dist.enabled:
+        step_fn = torch.nn.parallel.DistributedDataParallel(
+            method, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False,
+            gradient_as_bucket_view=True)
+
     # --- resume -------------------------------------------------------------------------------
     start_step, train_s, nonfinite_total, images_seen, knn_top1 = 0, 0.0, 0, 0, None
     resume_path = ckpt.latest(run_dir)
@@ -145,11 +230,16 @@ def train(cfg: DictConfig, *, knn_eval=None) -> TrainResult:
         nonfinite_total, images_seen = int(state["nonfinite_total"]), int(state["images_seen"])
         knn_top1 = state.get("knn_top1")
         log.info("resuming %s at step %d/%d", run_dir, start_step, total_steps)
-    save_config(cfg, run_dir)
-    metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume_path else None,
-                         tensorboard_dir=run_dir / "tb" if cfg.log.tensorboard else None)
+    if dist.is_main:
+        save_config(cfg, run_dir)
+        metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume_path else None,
+                             tensorboard_dir=run_dir / "tb" if cfg.log.tensorboard else None)
+    else:
+        metrics = _NoMetrics()
 
     def save_checkpoint(next_step: int) -> None:
+        if not dist.is_main:
+            return
         ckpt.save({"method": method.state_dict(), "optimizer": optimizer.state_dict(),
                    "scaler": scaler.state_dict(), "step": next_step, "epoch": next_step // steps_per_epoch,
                    "train_s": train_s, "nonfinite_total": nonfinite_total, "images_seen": images_seen,
@@ -158,14 +248,18 @@ def train(cfg: DictConfig, *, knn_eval=None) -> TrainResult:
 
     # --- train --------------------------------------------------------------------------------
     method.train()
-    nonfinite_streak, collapse_warned = 0, False
+    nonfinite_streak, collapse_warned, stopped_by = 0, False, None
     step = start_step
     for epoch in range(start_step // steps_per_epoch, epochs):
         first = step % steps_per_epoch if epoch == start_step // steps_per_epoch else 0
         bar = tqdm(loader.epoch(epoch, start_step=first), total=steps_per_epoch, initial=first,
-                   desc=f"epoch {epoch + 1}/{epochs}", disable=not cfg.train.progress, dynamic_ncols=True)
+                   desc=f"epoch {epoch + 1}/{epochs}", disable=not (cfg.train.progress and dist.is_main),
+                   dynamic_ncols=True)
         t_log, n_log = time.perf_counter(), 0
         for images, _ in bar:
+            if ddp.any_process(preempt.signal is not None, device):  # all ranks stop at the same step
+                stopped_by = preempt.signal or "another process's signal"
+                break
             if images.shape[0] == 0:  # every image of this batch was unreadable (counted by the loader)
                 step += 1
                 continue
@@ -176,13 +270,16 @@ def train(cfg: DictConfig, *, knn_eval=None) -> TrainResult:
             optimizer.param_groups[1].update(lr=lr)
 
             images = images.to(device, non_blocking=True)
-            crops = multicrop(images, seed=step_seed(cfg.seed, step))
+            crops = rank_crops(multicrop, images, step_seed(cfg.seed, step), dist)
             crops = [c.contiguous(memory_format=memory_format) for c in crops]
             torch.manual_seed(step_seed(cfg.seed + 1, step))  # stochastic depth
             with autocast:
-                loss, logs = method.loss(crops, step)
+                loss, logs = step_fn(crops, step)
 
-            if not torch.isfinite(loss):
+            finite = bool(torch.isfinite(loss))
+            if dist.enabled:  # every rank skips (or stops) together
+                finite = not ddp.any_process(not finite, device)
+            if not finite:
                 # Skip the update (no optimiser step, no EMA) and count it; a long streak stops the run.
                 nonfinite_streak += 1
                 nonfinite_total += 1
@@ -208,17 +305,19 @@ def train(cfg: DictConfig, *, knn_eval=None) -> TrainResult:
             method.after_step(step)
 
             step += 1
-            images_seen += images.shape[0]
-            n_log += images.shape[0]
+            images_seen += images.shape[0] * dist.world_size
+            n_log += images.shape[0] * dist.world_size
             train_s += time.perf_counter() - t0
             if step % cfg.train.log_every_steps == 0 or step % steps_per_epoch == 0:
                 dt = time.perf_counter() - t_log
-                values = {"loss": loss.item(), "lr": lr, "wd": wd, "imgs_per_s": n_log / max(dt, 1e-9),
+                loss_value = ddp.all_reduce_mean(loss.detach().float()).item()  # the global batch's loss
+                values = {"loss": loss_value, "lr": lr, "wd": wd,
+                          "imgs_per_s": n_log / max(dt, 1e-9),
                           **{k: float(v) for k, v in logs.items()}}
                 metrics.write("train", step, epoch=step / steps_per_epoch, **values)
                 postfix = dict(loss=f"{values['loss']:.3f}", lr=f"{lr:.2e}", img_s=f"{values['imgs_per_s']:.0f}")
                 warning = method.collapse_warning(values)
-                if warning:
+                if warning and dist.is_main:
                     postfix["WARN"] = "collapsing"
                     metrics.write("collapse", step, epoch=step / steps_per_epoch, message=warning)
                     if not collapse_warned:
@@ -230,18 +329,29 @@ def train(cfg: DictConfig, *, knn_eval=None) -> TrainResult:
                     and step % steps_per_epoch:
                 save_checkpoint(step)
         bar.close()
+        if stopped_by:
+            break
         last = epoch + 1 == epochs
         every = cfg.eval.knn_every
         if knn_eval is not None and ((every and (epoch + 1) % every == 0) or (last and cfg.eval.final_knn)):
-            result = knn_eval(method, epoch + 1)
-            knn_top1 = result["top1"]
-            metrics.write("knn", step, epoch=epoch + 1, top1=result["top1"], top5=result["top5"])
-            log.info("epoch %d: k-NN top-1 %.2f%%", epoch + 1, knn_top1)
-            method.train()
+            if dist.is_main:
+                result = knn_eval(method, epoch + 1)
+                knn_top1 = result["top1"]
+                metrics.write("knn", step, epoch=epoch + 1, top1=result["top1"], top5=result["top5"])
+                log.info("epoch %d: k-NN top-1 %.2f%%", epoch + 1, knn_top1)
+                method.train()
+            ddp.barrier()
         save_checkpoint(step)
+        ddp.barrier()
+    if stopped_by:  # preemption: save where we are and return normally, so the job exits 0
+        save_checkpoint(step)
+        ddp.barrier()
+        log.warning("%s: checkpoint saved at step %d/%d; rerun the same command to resume",
+                    stopped_by, step, total_steps)
+        metrics.write("preempted", step, epoch=step / steps_per_epoch, signal=stopped_by)
     if loader.skipped:
         metrics.write("data", step, skipped_images=loader.skipped)
     metrics.close()
     return TrainResult(run_dir=str(run_dir), epochs=epochs, images_seen=images_seen, train_s=train_s,
                        imgs_per_s=images_seen / max(train_s, 1e-9), knn_top1=knn_top1,
-                       nonfinite_steps=nonfinite_total)
+                       nonfinite_steps=nonfinite_total, preempted=stopped_by, world_size=dist.world_size)

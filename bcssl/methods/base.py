@@ -99,6 +99,11 @@ class SSLMethod(nn.Module):
     def loss(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
         raise NotImplementedError
 
+    def forward(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
+        """:meth:`loss`, so that DistributedDataParallel can wrap the whole method: one forward
+        per step however many times the method calls its student (BYOL, MoCo: once per view)."""
+        return self.loss(crops, step)
+
     def before_optimizer_step(self, step: int) -> None:
         """Hook between backward and the optimiser step (e.g. freeze a layer for a while)."""
 

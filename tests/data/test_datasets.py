@@ -258,6 +258,68 @@ def test_loader_workers_same_as_main_process(tmp_path):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
+def smooth_jpegs(root: Path, sizes) -> None:
+    """Smooth (upsampled noise) JPEGs of the given (w, h) in class folder c."""
+    (root / "c").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for k, (w, h) in enumerate(sizes):
+        low = torch.from_numpy(rng.integers(0, 256, (1, 3, 4, 4)).astype(np.float32))
+        arr = torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
+        Image.fromarray(arr[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()).save(
+            root / "c" / f"{k}.jpg", quality=95)
+
+
+def test_decode_on_device_matches_pil_decode(tmp_path):
+    """decode_batch (torchvision decode_jpeg, here on the CPU) == the PIL path: exact when no
+    resize is needed, within 1 level (PIL's fixed-point resampling) when the square is resized."""
+    sizes = [(16, 16), (24, 16), (16, 30), (28, 24), (24, 30), (20, 20)]  # w - h even; no JPEG draft
+    smooth_jpegs(tmp_path, sizes)
+    pil = ImageFolderDataset(tmp_path, load_size=16)
+    dev = ImageFolderDataset(tmp_path, load_size=16, decode_on_device=True)
+    items = [dev[i][0] for i in range(len(dev))]
+    assert all(t.dtype == torch.uint8 and t.dim() == 1 for t in items)  # raw JPEG bytes
+    x, bad = dev.decode_batch(items, "cpu")
+    assert bad == [] and x.dtype == torch.uint8 and x.shape == (len(sizes), 3, 16, 16)
+    for i, (w, h) in enumerate(sizes):
+        diff = (pil[i][0].int() - x[i].int()).abs()
+        assert diff.max() <= (0 if min(w, h) == 16 else 1), (w, h, diff.max())
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_decode_on_device_skips_bad_files(tmp_path, workers):
+    """With data.decode_on_device the loader decodes each batch (here on the CPU): same images as
+    the PIL path (solid colours), the truncated JPEG fails at decode time and the fake PNG in the
+    worker; both are dropped and counted."""
+    root = tmp_path / "imgs"
+    counts = make_folder(root)
+    ds = build_dataset("image_folder", root, load_size=16, decode_on_device=True)
+    assert ds.decode_on_device and "decode_on_device=True" in repr(ds)
+    ref = BatchLoader(ImageFolderDataset(root, load_size=16), 3, seed=0, drop_last=False)
+    loader = BatchLoader(ds, 3, seed=0, drop_last=False, workers=workers, decode_device="cpu")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        batches, ref_batches = list(loader.epoch(0)), list(ref.epoch(0))
+    assert loader.skipped == ref.skipped == counts["bad"]
+    assert len([w for w in rec if "unreadable" in str(w.message)]) == 2  # one per loader
+    assert not [w for w in rec if issubclass(w.category, DeprecationWarning)]
+    for (x, y), (xr, yr) in zip(batches, ref_batches):
+        assert x.dtype == torch.uint8 and x.shape[1:] == (3, 16, 16) and x.shape[0] == y.shape[0]
+        assert torch.equal(y, yr) and x.shape == xr.shape and ((x.int() - xr.int()).abs() <= 1).all()
+    assert sum(x.shape[0] for x, _ in batches) == counts["good"]
+
+
+def test_decode_batch_all_bad_and_mixed(tmp_path):
+    smooth_jpegs(tmp_path, [(16, 16), (20, 16)])
+    ds = ImageFolderDataset(tmp_path, load_size=8, decode_on_device=True)
+    good = ds[0][0]
+    broken = good[: len(good) // 2].clone()
+    x, bad = ds.decode_batch([broken], "cpu")
+    assert bad == [0] and x.shape == (0, 3, 8, 8) and x.dtype == torch.uint8
+    decoded = ImageFolderDataset(tmp_path, load_size=8)[1][0]  # an already decoded item passes through
+    x, bad = ds.decode_batch([good, broken, decoded], "cpu")
+    assert bad == [1] and x.shape == (2, 3, 8, 8) and torch.equal(x[1], decoded)
+
+
 def test_image_folder_errors(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="does not exist.*<root>/<class_name>"):
         ImageFolderDataset(tmp_path / "missing")

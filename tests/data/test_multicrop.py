@@ -18,13 +18,18 @@ from bcssl.data.multicrop import (
     GRAY_WEIGHTS,
     MultiCrop,
     MultiCropConfig,
+    _blur_conv,  # the GPU blur path
+    _blur_rows,  # the CPU blur path
+    _gaussian_kernels,
     adjust_brightness,
     adjust_contrast,
     adjust_hue,
     adjust_saturation,
     crop_grid,
+    cubic_taps,
     gaussian_blur,
     resized_crop,
+    resized_crop_separable,
     rgb_to_grayscale,
     solarize,
 )
@@ -141,6 +146,41 @@ def test_resized_crop_close_to_torchvision_bicubic():
     torch.testing.assert_close(resized_crop(x, full, ~no_flip, s), ref_full.flip(-1), atol=1e-5, rtol=0)
 
 
+def test_separable_resize_equals_grid_sample():
+    """The CPU's two-pass resize takes grid_sample's taps: equal up to float rounding, flips, image
+    edges (border padding = clamped taps) and non-square images included."""
+    x = smooth_images(3, h=20, w=27, seed=4)
+    g = torch.Generator().manual_seed(1)
+    box = torch.rand(3, 5, 4, generator=g) * 0.5
+    box[:, :, 2:] += 0.2
+    box[0, 0] = torch.tensor([0.0, 0.0, 1.0, 1.0])  # whole image
+    box[1, 1] = torch.tensor([0.6, 0.7, 0.4, 0.3])  # bottom-right corner
+    flip = torch.rand(3, 5, generator=g) < 0.5
+    for size in (7, 16, 31):
+        ours = resized_crop_separable(x, box, flip, size)
+        ref = torch.stack([resized_crop(x, box[:, j], flip[:, j], size) for j in range(5)], 1)
+        torch.testing.assert_close(ours, ref, atol=1e-5, rtol=0)
+
+
+def test_cubic_taps_weights_and_border():
+    idx, w = cubic_taps(torch.tensor([0.0]), torch.tensor([1.0]), None, 8, 8)  # identity resize
+    assert idx.shape == (1, 8, 4) and w.shape == (1, 8, 4)
+    torch.testing.assert_close(w.sum(-1), torch.ones(1, 8))  # a partition of unity
+    torch.testing.assert_close(w[0, :, 1], torch.ones(8))  # on the pixel centres: the pixel itself
+    assert idx.min() == 0 and idx.max() == 7  # clamped into the image (border padding)
+    flipped, _ = cubic_taps(torch.tensor([0.0]), torch.tensor([1.0]), torch.tensor([True]), 8, 8)
+    assert torch.equal(flipped[0, :, 1], idx[0, :, 1].flip(0))
+
+
+@pytest.mark.parametrize("radius", [1, 4, 11])
+def test_blur_row_passes_equal_depthwise_convolutions(radius):
+    x = smooth_images(5, h=12, w=15, seed=6)
+    kern = _gaussian_kernels(torch.tensor([0.3, 0.8, 1.5, 2.0, 4.0]), radius)  # radius up to size - 1
+    rows = _blur_rows(x, kern)
+    torch.testing.assert_close(rows, _blur_conv(x, kern), atol=1e-6, rtol=0)
+    assert rows.shape == x.shape
+
+
 # ------------------------------------------------------------------ sampling
 
 
@@ -224,8 +264,7 @@ def reference(images: torch.Tensor, params: dict, cfg: MultiCropConfig) -> list[
     outs = []
     for j, s in enumerate(sizes):
         crops = resized_crop(x, params["box"][:, j], params["flip"][:, j], s)
-        sig = params["blur_sigma"][:, j][params["blur"][:, j]]
-        radius = min(math.ceil(3 * float(sig.max())), s - 1) if len(sig) else 0
+        radius = min(math.ceil(3 * cfg.blur_sigma[1]), s - 1)  # the config's, not the batch's
         ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
         res = []
         for i, img in enumerate(crops):
@@ -331,6 +370,62 @@ def test_cpu_chunking_does_not_change_results():
     chunked.CHUNK_PIXELS = 2 * 24 * 24  # 2 global / 8 local crops per chunk, a partial last chunk
     for a, b in zip(whole(images, seed=4), chunked(images, seed=4)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_an_images_crops_do_not_depend_on_the_rest_of_the_batch():
+    """DDP: a rank's slice of the global batch (with the matching slice of the parameters, as
+    engine/trainer.py rank_crops takes it) gets exactly the crops one process makes."""
+    cfg = MultiCropConfig(global_size=24, local_size=12, n_local=2, blur_p=(0.5, 0.1, 0.5), blur_sigma=(0.1, 3.0))
+    mc = MultiCrop(cfg)
+    images = uint8_images(12, seed=3)
+    params = mc.sample_params(12, seed=11, image_size=(40, 48))
+    full = [o.clone() for o in mc.apply(images, params)]
+    for lo, hi in ((0, 4), (4, 12)):
+        part = {k: v if k in MultiCrop.SHARED_PARAMS else v[lo:hi] for k, v in params.items()}
+        for a, b in zip(full, mc.apply(images[lo:hi], part)):
+            assert torch.equal(a[lo:hi], b)
+
+
+@pytest.mark.parametrize("c", [3, 1])
+def test_cpu_resize_paths_agree(c):
+    """separable (the CPU default) vs one grid_sample (the GPU path), run on the CPU: equal up to
+    float rounding, for uint8 and float inputs."""
+    images = uint8_images(5, h=30, w=44, seed=8, c=c)
+    sep, grid = MultiCrop(SMALL), MultiCrop(SMALL)
+    grid.separable = False
+    params = sep.sample_params(5, seed=3, image_size=(30, 44))
+    for inp in (images, images.float() / 255):
+        for a, b in zip(sep.apply(inp, params), grid.apply(inp, params)):
+            torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+
+
+def test_resize_chunking_does_not_change_results():
+    images = uint8_images(7, seed=9)
+    whole, chunked = MultiCrop(SMALL), MultiCrop(SMALL)
+    chunked.CHUNK_PIXELS, chunked.RESIZE_CHUNK = 3 * 24 * 24, 1  # chunks of 3 images, one at a time
+    for a, b in zip(whole(images, seed=2), chunked(images, seed=2)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+
+
+def test_output_buffer_is_recycled_only_when_nothing_refers_to_it():
+    mc = MultiCrop(SMALL)
+    images = uint8_images(3)
+    ptr = lambda crops: crops[0].untyped_storage().data_ptr()
+    a = mc(images, seed=0)
+    b = mc(images, seed=1)
+    assert ptr(a) != ptr(b)  # a is alive: not reused
+    seen = {ptr(a), ptr(b)}
+    del a, b
+    c = mc(images, seed=2)
+    assert ptr(c) in seen  # nothing refers to the old buffers: one is reused
+    keep = c[3][:, :, 2:5].clone(), c[3][:, :, 2:5]  # a small view keeps the whole buffer
+    del c
+    d = mc(images, seed=3)
+    e = mc(images, seed=4)
+    assert torch.equal(keep[0], keep[1])  # the view was not overwritten
+    assert ptr(d) != keep[1].untyped_storage().data_ptr() != ptr(e)
+    ref = MultiCrop(SMALL)(images, seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(e, ref))  # recycled memory: same results
 
 
 def test_small_inputs_batch_of_one_and_no_local_crops():

@@ -1,0 +1,163 @@
+"""Multi-process training with PyTorch's own stack: ``torchrun`` sets RANK/WORLD_SIZE/LOCAL_RANK,
+we join the process group (NCCL on GPUs, gloo on CPUs), convert every BatchNorm to SyncBatchNorm
+and wrap the student in DistributedDataParallel.
+
+One thing is added: ``torch.nn.SyncBatchNorm`` refuses CPU tensors, so on CPU (gloo: tests, CPU
+clusters) :class:`CPUSyncBatchNorm` computes the same global batch statistics with a differentiable
+all-reduce of per-channel sums. On GPUs it is exactly ``torch.nn.SyncBatchNorm``.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def env_world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
+    """Join the process group when started by ``torchrun`` (WORLD_SIZE > 1); returns this
+    process's rank info and its device (``cuda:LOCAL_RANK`` on GPUs)."""
+    world = env_world_size()
+    if world <= 1:
+        return DistInfo(), _device(device_name, 0)
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    device = _device(device_name, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        # a long timeout: rank 0 runs the k-NN monitor and writes checkpoints while others wait
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=60),
+                                device_id=device if device.type == "cuda" else None)
+    return DistInfo(rank, world, local_rank), device
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    return device
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of ``value`` over the processes (itself in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value)
+    return value / dist.get_world_size()
+
+
+def any_process(flag: bool, device: torch.device) -> bool:
+    """True on every process when ``flag`` is true on at least one (e.g. a preemption signal
+    that reached only some ranks): all ranks then stop at the same step."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """Synchronised BatchNorm for CPU tensors (gloo), which ``nn.SyncBatchNorm`` refuses (and DDP
+    refuses ``nn.SyncBatchNorm`` in CPU modules). The same statistics: mean and biased variance
+    over the whole global batch to normalise, the unbiased variance for the running estimate.
+    Not a ``nn.SyncBatchNorm`` subclass on purpose; same state_dict as the BatchNorm it replaces."""
+
+    process_group = None
+
+    def _check_input_dim(self, input: torch.Tensor) -> None:
+        if input.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {input.dim()}-D")
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        sync = (self.training and dist.is_available() and dist.is_initialized()
+                and dist.get_world_size(self.process_group or dist.group.WORLD) > 1)
+        if not sync:
+            return super().forward(input)
+        from torch.distributed.nn.functional import all_reduce  # differentiable all-reduce
+
+        self._check_input_dim(input)
+        dims = [0] + list(range(2, input.dim()))
+        x = input.float()
+        group = self.process_group or dist.group.WORLD
+        c = input.shape[1]
+        n_local = torch.tensor([input.numel() / c], dtype=torch.float32)
+        # two passes (mean, then squared deviations): E[x^2] - E[x]^2 loses digits when |mean| >> std
+        stats = all_reduce(torch.cat([x.sum(dims), n_local]), group=group)
+        n = stats[-1]
+        mean = stats[:c] / n
+        shape = [1, c] + [1] * (input.dim() - 2)
+        var = all_reduce((x - mean.view(shape)).pow(2).sum(dims), group=group) / n
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * n / (n - 1).clamp_min(1), alpha=m)
+        y = (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape) + self.bias.view(shape)
+        return y.to(input.dtype)
+
+
+def convert_sync_batchnorm(module: nn.Module, device: torch.device | str = "cuda") -> nn.Module:
+    """Every ``BatchNorm*d`` in ``module`` becomes synchronised across processes (same
+    state_dict): ``nn.SyncBatchNorm`` for GPU modules, :class:`CPUSyncBatchNorm` for CPU ones."""
+    if torch.device(device).type != "cpu":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm):
+            m.__class__ = CPUSyncBatchNorm
+    return module
+
+
+def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
+    """``bcssl pretrain --nproc N ...``: run the same command under ``torchrun --standalone``
+    (one node, N processes) and return its exit code."""
+    import subprocess
+
+    torchrun = shutil.which("torchrun")
+    launcher = [torchrun] if torchrun else [sys.executable, "-m", "torch.distributed.run"]
+    cmd = [*launcher, "--standalone", f"--nproc_per_node={nproc}", "-m", "bcssl", *argv]
+    return subprocess.call(cmd)
+
+
+__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_mean", "any_process", "barrier",
+           "CPUSyncBatchNorm", "convert_sync_batchnorm", "relaunch_with_torchrun", "env_world_size"]
