@@ -16,6 +16,7 @@ EPILOG = """examples:
   bcssl demo                                        # Fashion-MNIST, CPU, ~15 min
   bcssl pretrain --config demo_fmnist train.epochs=2
   bcssl pretrain --config imagenet_bcssl_t_300ep data.root=/data/imagenet
+  bcssl pretrain --nproc 8 --config imagenet_bcssl_t_300ep data.root=/data/imagenet   # 8 GPUs (torchrun)
   bcssl eval knn runs/demo
   bcssl eval linear runs/demo
   bcssl eval robustness runs/demo --limit 500

@@ -144,10 +144,12 @@ def care_loss(c: tuple, t: tuple, lam: float) -> tuple[torch.Tensor, dict]:
     momentum network). Returns the total and its three parts."""
     loss_c = byol_loss(*c)
     loss_t = byol_loss(*t)
-    p_c = torch.cat([c[0], c[1]])
-    p_t = torch.cat([t[0], t[1]]).detach()  # the T-stream supervises the C-stream, not back
-    attn = F.mse_loss(F.normalize(p_c.float(), dim=-1), F.normalize(p_t.float(), dim=-1), reduction="none")
-    attn = attn.sum(dim=-1).mean()
+    # The official code: nn.MSELoss() (mean over batch AND dimensions) between the normalised C and
+    # T predictions of each view, summed over the two views; the T side detached (it supervises C).
+    # With lambda = 100 this weighs ~100 / dim per unit of squared distance: a per-vector sum
+    # instead would make the T -> C pull `dim` times stronger and swamp the C-stream's BYOL loss.
+    attn = sum(F.mse_loss(F.normalize(pc.float(), dim=-1), F.normalize(pt.detach().float(), dim=-1))
+               for pc, pt in ((c[0], t[0]), (c[1], t[1])))
     return loss_c + loss_t + lam * attn, {"loss_c": loss_c.detach(), "loss_t": loss_t.detach(),
                                           "loss_attn": attn.detach()}
 

@@ -31,8 +31,8 @@ def test_loss_matches_formula():
     got, parts = care_loss((p1c, p2c, z1c, z2c), (p1t, p2t, z1t, z2t), lam=100.0)
     byol_c = (byol_term(p1c, z2c) + byol_term(p2c, z1c)).mean()
     byol_t = (byol_term(p1t, z2t) + byol_term(p2t, z1t)).mean()
-    pc, pt = torch.cat([p1c, p2c]), torch.cat([p1t, p2t])
-    attn = ((F.normalize(pc, dim=-1) - F.normalize(pt, dim=-1)) ** 2).sum(-1).mean()
+    # official CARE: nn.MSELoss (mean over batch and dims) per view, the two views summed
+    attn = sum(((F.normalize(pc, dim=-1) - F.normalize(pt, dim=-1)) ** 2).mean() for pc, pt in ((p1c, p1t), (p2c, p2t)))
     assert torch.allclose(got, byol_c + byol_t + 100 * attn, atol=1e-5)
     assert torch.allclose(parts["loss_attn"], attn, atol=1e-6)
 
