@@ -38,6 +38,29 @@ def tiny_fmnist(tmp_path):
     return write_idx(tmp_path / "fmnist")
 
 
+def randomise(model, seed: int = 0):
+    """Move BN statistics/affines, LayerNorm affines, layer scales (``gamma``) and depthwise-conv
+    biases far from their init, so that folding, exporting and every block are really exercised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 2 + 0.2)
+                m.weight.copy_(torch.randn(m.num_features, generator=g) * 0.5 + 1)
+                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
+            elif isinstance(m, torch.nn.LayerNorm) and m.elementwise_affine:
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.3 + 1)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+            gamma = getattr(m, "gamma", None)
+            if isinstance(gamma, torch.Tensor):
+                gamma.copy_(torch.rand(gamma.shape, generator=g) * 0.5 + 0.25)
+            conv_dw = getattr(m, "conv_dw", None)
+            if isinstance(conv_dw, torch.nn.Conv2d) and conv_dw.bias is not None:
+                conv_dw.bias.copy_(torch.randn(conv_dw.bias.shape, generator=g) * 0.1)
+    return model
+
+
 def tiny_config(tmp_path, data_root, *extra):
     return load_config(None, [
         f"run.dir={tmp_path / 'runs'}", "run.name=tiny", f"data.root={data_root}", "data.workers=0",

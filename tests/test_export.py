@@ -19,26 +19,10 @@ from bcssl.export import (
     load_backbone,
 )
 from bcssl.models import create_backbone, fold_bn
-from tests.conftest import tiny_config
+from tests.conftest import randomise, tiny_config
 
 TOL = 1e-4
 TINY = {"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1], "kernel_size": 9, "dw_norm": "bn+ln"}
-
-
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """BN running stats/affines and layer scales far from init, so folding (and every block) matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 2 + 0.2)
-                m.weight.copy_(torch.randn(m.num_features, generator=g) * 0.5 + 1)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-            gamma = getattr(m, "gamma", None)
-            if isinstance(gamma, torch.Tensor):
-                gamma.copy_(torch.rand(gamma.shape, generator=g) * 0.5 + 0.25)
-    return model
 
 
 def tiny(**kw) -> nn.Module:

@@ -6,6 +6,7 @@ import torch.nn as nn
 
 from bcssl.models import BCSSLConvNeXt, count_macs, count_params, create_backbone, fold_bn
 from bcssl.models.bcssl_convnext import VARIANTS, BCSSLBlock
+from tests.conftest import randomise
 
 TINY = dict(depths=(1, 1, 2, 1), dims=(8, 16, 24, 32))
 
@@ -16,25 +17,6 @@ def tiny(**kw) -> BCSSLConvNeXt:
 
 def blocks(model):
     return [b for b in model.modules() if isinstance(b, BCSSLBlock)]
-
-
-def randomise(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give BN stats/affines, norms and layer scales values far from init, so every part matters."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.5)
-                m.running_var.copy_(torch.rand(m.num_features, generator=g) * 2 + 0.2)
-                m.weight.copy_(torch.randn(m.num_features, generator=g) * 0.5 + 1)
-                m.bias.copy_(torch.randn(m.num_features, generator=g) * 0.3)
-            elif isinstance(m, nn.LayerNorm):
-                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.3 + 1)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-            elif isinstance(m, BCSSLBlock):
-                m.gamma.copy_(torch.rand(m.gamma.shape, generator=g) * 0.5 + 0.25)
-                m.conv_dw.bias.copy_(torch.randn(m.conv_dw.bias.shape, generator=g) * 0.1)
-    return model
 
 
 # --- shapes and the backbone contract ---------------------------------------------------------
