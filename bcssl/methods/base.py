@@ -78,6 +78,9 @@ class SSLMethod(nn.Module):
     """
 
     student: nn.Module
+    # The run length, set by setup(); until then a one-step run (a method used outside the trainer)
+    steps_per_epoch: int = 1
+    epochs: int = 1
 
     def setup(self, steps_per_epoch: int, epochs: int) -> None:
         """Called once by the trainer before training so schedules know the run length."""

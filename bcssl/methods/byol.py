@@ -122,6 +122,13 @@ def representation_stats(z_online: torch.Tensor, k1: torch.Tensor, k2: torch.Ten
     return {"proj_std": std, "target_cos": cos}
 
 
+def target_encoder(model_cfg, encoder: Encoder) -> Encoder:
+    """The EMA target / momentum encoder of ``encoder``: backbone built without stochastic depth
+    (as DINO's teacher) + a copy of the projector, given the online weights, no gradients."""
+    return frozen_copy(Encoder(backbone_from_config(model_cfg, drop_path_rate=0.0), copy.deepcopy(encoder.projector)),
+                       encoder)
+
+
 class OnlineTargetMethod(SSLMethod):
     """What BYOL, MoCo v3 and CARE share: ``student.encoder`` is averaged into ``teacher`` after
     each step (parameters only), the online backbone is evaluated, and collapse is read from the
@@ -147,11 +154,7 @@ class BYOL(OnlineTargetMethod):
         backbone = backbone_from_config(model_cfg)
         encoder = Encoder(backbone, BYOLMLP(backbone.num_features, m.proj_hidden_dim, m.proj_dim))
         self.student = OnlineNetwork(encoder, BYOLMLP(m.proj_dim, m.proj_hidden_dim, m.proj_dim))
-        # The target: backbone + projector built without stochastic depth (as DINO's teacher),
-        # then given the online weights.
-        self.teacher = Encoder(backbone_from_config(model_cfg, drop_path_rate=0.0), copy.deepcopy(encoder.projector))
-        frozen_copy(self.teacher, encoder)
-        self.steps_per_epoch, self.epochs = 1, 1
+        self.teacher = target_encoder(model_cfg, encoder)
 
     def loss(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
         warn_unused_crops(crops)

@@ -172,7 +172,6 @@ class CARE(OnlineTargetMethod):
         self.student = CAREOnline(online_encoder, BYOLMLP(m.proj_dim, m.proj_hidden_dim, m.proj_dim),
                                   BYOLMLP(m.proj_dim, m.proj_hidden_dim, m.proj_dim))
         self.teacher = frozen_copy(encoder(backbone_from_config(model_cfg, drop_path_rate=0.0)), online_encoder)
-        self.steps_per_epoch, self.epochs = 1, 1
 
     def loss(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
         warn_unused_crops(crops)

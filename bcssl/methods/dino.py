@@ -82,7 +82,6 @@ class DINO(SSLMethod):
         self.teacher = MultiCropWrapper(teacher_backbone, head())
         frozen_copy(self.teacher, self.student)
         self.dino_loss = DINOLoss(m.out_dim, m.student_temp, m.center_momentum)
-        self.steps_per_epoch, self.epochs = 1, 1
 
     # --- schedules -------------------------------------------------------------------------
     def teacher_temp(self, step: int) -> float:

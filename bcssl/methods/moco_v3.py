@@ -27,15 +27,14 @@ Every detail is in this file:
 """
 from __future__ import annotations
 
-import copy
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from bcssl.methods.base import backbone_from_config, frozen_copy
-from bcssl.methods.byol import (Encoder, OnlineNetwork, OnlineTargetMethod, representation_stats,
+from bcssl.methods.base import backbone_from_config
+from bcssl.methods.byol import (Encoder, OnlineNetwork, OnlineTargetMethod, representation_stats, target_encoder,
                                 warn_unused_crops)
 
 
@@ -106,10 +105,7 @@ class MoCoV3(OnlineTargetMethod):
         predictor = build_mlp(2, m.proj_dim, m.proj_hidden_dim, m.proj_dim, last_bn=is_vit)
         encoder = Encoder(backbone, projector)
         self.student = OnlineNetwork(encoder, predictor)
-        # Momentum encoder: built without stochastic depth, then given the base encoder's weights.
-        self.teacher = Encoder(backbone_from_config(model_cfg, drop_path_rate=0.0), copy.deepcopy(projector))
-        frozen_copy(self.teacher, encoder)
-        self.steps_per_epoch, self.epochs = 1, 1
+        self.teacher = target_encoder(model_cfg, encoder)  # the momentum encoder
 
     def loss(self, crops: list[torch.Tensor], step: int) -> tuple[torch.Tensor, dict]:
         warn_unused_crops(crops)
