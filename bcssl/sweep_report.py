@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
+
+from bcssl.eval.report import _f, _table
 
 if TYPE_CHECKING:
     from bcssl.sweep import Sweep
@@ -40,7 +41,7 @@ def mean_std(values: list[float]) -> tuple[float, float | None]:
 
 def fmt_cell(values: list[float], nd: int = 2) -> str:
     if not values:
-        return "–"
+        return "-"
     m, s = mean_std(values)
     return f"{m:.{nd}f}" + (f" ± {s:.{nd}f}" if s is not None else "")
 
@@ -71,14 +72,14 @@ class Pivot:
     def has(self, metric: str) -> bool:
         return any(self.values(r, c, metric) for r in self.rows for c in self.cols)
 
-    def table(self, metric: str, nd: int = 2, value: Callable[[dict], float] | None = None) -> list[str]:
-        head = [", ".join(k.split(".")[-1] for k in self.row_keys) or "", *[f"{self.col_key.split('.')[-1]}={c}"
-                                                                          for c in self.cols]]
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for row in self.rows:
-            cells = [fmt_cell(self.values(row, c, metric), nd) for c in self.cols]
-            lines.append("| " + " | ".join([row, *cells]) + " |")
-        return lines
+    @property
+    def col_labels(self) -> list[str]:
+        return [f"{self.col_key.split('.')[-1]}={c}" for c in self.cols]
+
+    def table(self, metric: str, nd: int = 2) -> list[str]:
+        head = [", ".join(k.split(".")[-1] for k in self.row_keys), *self.col_labels]
+        return _table(head, [[row, *[fmt_cell(self.values(row, c, metric), nd) for c in self.cols]]
+                             for row in self.rows])
 
 
 def plot_vs_column(pivot: Pivot, metrics: list[str], path: Path) -> Path | None:
@@ -181,19 +182,16 @@ def write_sweep_report(sweep: "Sweep", results: dict[str, dict | None]) -> dict:
                *pivot.table("corruption_error"), "", "By corruption family and clean error:", ""]
         groups = [g for g in ("noise", "blur", "weather", "digital")
                   if any(g in (r or {}).get("corruption_error_by_group", {}) for r in results.values())]
-        head = ["run", "clean", "all corruptions", *groups]
-        md += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        rows = []
         for row in pivot.rows:
-            for c in pivot.cols:
+            for c, label in zip(pivot.cols, pivot.col_labels):
                 rs = pivot.cells.get((row, c), [])
-                if not rs:
-                    continue
-                by = [fmt_cell([r["corruption_error_by_group"][g] for r in rs
-                                if g in r.get("corruption_error_by_group", {})]) for g in groups]
-                md.append("| " + " | ".join([f"{row}, {pivot.col_key.split('.')[-1]}={c}",
-                                             fmt_cell([r["clean_error"] for r in rs if "clean_error" in r]),
-                                             fmt_cell([r["corruption_error"] for r in rs
-                                                       if "corruption_error" in r]), *by]) + " |")
+                if rs:
+                    by = [fmt_cell([r["corruption_error_by_group"][g] for r in rs
+                                    if g in r.get("corruption_error_by_group", {})]) for g in groups]
+                    rows.append([f"{row}, {label}", fmt_cell([r["clean_error"] for r in rs if "clean_error" in r]),
+                                 fmt_cell([r["corruption_error"] for r in rs if "corruption_error" in r]), *by])
+        md += _table(["run", "clean", "all corruptions", *groups], rows)
         n_img = sorted({r.get("robustness_images") for r in results.values() if r and r.get("robustness_images")})
         md += ["", f"Images per cell: {', '.join(map(str, n_img))}.", ""]
 
@@ -205,25 +203,18 @@ def write_sweep_report(sweep: "Sweep", results: dict[str, dict | None]) -> dict:
             log.warning("sweep: CAM grids failed: %s", e)
             md += [f"CAM grids failed: {e}", ""]
     if cams:
-        head = ["", *[f"{pivot.col_key.split('.')[-1]}={c}" for c in pivot.cols]]
         md += ["## Grad-CAM vs kernel size — Table 6 style", "",
                "Mean fraction of each Grad-CAM map above 0.5 (target: the linear probe's predicted class), "
                "first seed, the same images (one per class) for every run:", "",
-               "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        for row, c in cams.items():
-            md.append("| " + " | ".join([row, *[f"{c['area'][k]:.3f}" if k in c["area"] else "–"
-                                                for k in pivot.cols]]) + " |")
-        md.append("")
+               *_table(["", *pivot.col_labels], [[row, *[_f(c["area"].get(k), 3) for k in pivot.cols]]
+                                                 for row, c in cams.items()]), ""]
         for row, c in cams.items():
             md += [f"**{row}**", "", f"![Grad-CAM {row}]({os.path.relpath(c['png'], out_dir)})", ""]
 
-    md += ["## Runs", "", "| run | k-NN | linear | train s | wall s |", "|---|---|---|---|---|"]
-    for name, r in results.items():
-        if r is None:
-            md.append(f"| {name} | not finished | | | |")
-            continue
-        md.append(f"| `{name}` | {_f(r.get('knn_top1'))} | {_f(r.get('linear_top1'))} | "
-                  f"{_f(r.get('train_s'), 0)} | {_f(r.get('wall_s'), 0)} |")
+    md += ["## Runs", "", *_table(["run", "k-NN", "linear", "train s", "wall s"], [
+        [f"`{name}`", "not finished", "", "", ""] if r is None else
+        [f"`{name}`", _f(r.get("knn_top1")), _f(r.get("linear_top1")), _f(r.get("train_s"), 0), _f(r.get("wall_s"), 0)]
+        for name, r in results.items()])]
     report = out_dir / "report.md"
     report.write_text("\n".join(md) + "\n")
     summary = {"out": str(out_dir), "report": str(report), "finished": len(done), "total": len(results),
@@ -235,6 +226,3 @@ def write_sweep_report(sweep: "Sweep", results: dict[str, dict | None]) -> dict:
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
-
-def _f(v, nd: int = 2) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{float(v):.{nd}f}"
