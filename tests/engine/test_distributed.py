@@ -78,7 +78,7 @@ def test_sync_batchnorm_on_cpu_matches_batchnorm_on_the_global_batch(tmp_path):
     script.write_text(f"""
 import os, sys, torch
 sys.path.insert(0, {REPO!r})
-from bcssl.engine.distributed import convert_sync_batchnorm, init_distributed
+from bcssl.engine.distributed import convert_sync_batchnorm, init_distributed, shutdown_distributed
 dist_info, _ = init_distributed("cpu")
 torch.manual_seed(0)
 x = torch.randn(8, 3, 5, 5) * 3 + 1
@@ -96,6 +96,11 @@ err = max((y - y_ref[r * 4:(r + 1) * 4]).abs().max().item(), (xl.grad - xr.grad[
           (sbn[0].running_var - ref.running_var).abs().max().item(),
           (sbn[0].running_mean - ref.running_mean).abs().max().item())
 open(os.path.join({str(tmp_path)!r}, f"err{{r}}.txt"), "w").write(str(err))
+torch.distributed.barrier()
+shutdown_distributed()
+# The results are written; skip the interpreter's teardown, where torch's threads occasionally abort
+# ("terminate called without an active exception", exit -6) after a backward through all_reduce.
+os._exit(0)
 """)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
