@@ -525,8 +525,7 @@ class MultiCrop:
     """Batched DINO multi-crop: ``MultiCrop(cfg)(uint8 images, seed) -> [g1, g2, l1..lN]``."""
 
     N_TRIES = 10  # torchvision RandomResizedCrop's attempts before the center-crop fallback
-    #: ``sample_params`` entries shared by the batch (not per image): kept whole when a rank
-    #: takes its slice of the global batch's parameters (engine/trainer.py ``rank_crops``)
+    #: ``sample_params`` entries shared by the batch (not per image): kept whole by :meth:`slice_params`
     SHARED_PARAMS = ("jitter_order",)
     CHUNK_PIXELS = 1 << 19  # CPU: images go in chunks of ~this many pixels of their largest crop
     RESIZE_CHUNK = 1 << 19  # CPU: the separable resize goes in chunks of ~this many floats (2 MB)
@@ -619,12 +618,24 @@ class MultiCrop:
                 "solarize": sol}
 
     # ---------------------------------------------------------------- execution
-    def __call__(self, images: torch.Tensor, seed: int) -> list[torch.Tensor]:
+    def __call__(self, images: torch.Tensor, seed: int, rank: int = 0, world_size: int = 1) -> list[torch.Tensor]:
         """uint8 (B, C, H, W) on any device -> [global1, global2, local1..localN], each float32
-        (B, 3, S, S) normalised with mean/std, on the same device. Same seed -> identical output."""
+        (B, 3, S, S) normalised with mean/std, on the same device. Same seed -> identical output.
+
+        DDP: with ``world_size`` > 1, ``images`` is rank ``rank``'s contiguous slice of a global
+        batch of ``world_size * B`` images; the parameters are drawn for the global batch and this
+        rank takes its slice, so the ranks together make exactly one process's crops."""
         _check(images)
-        params = self.sample_params(images.shape[0], seed, image_size=tuple(images.shape[-2:]))
+        b = images.shape[0]
+        params = self.sample_params(b * world_size, seed, image_size=tuple(images.shape[-2:]))
+        if world_size > 1:
+            params = self.slice_params(params, rank * b, (rank + 1) * b)
         return self.apply(images, params)
+
+    @classmethod
+    def slice_params(cls, params: dict, lo: int, hi: int) -> dict:
+        """The parameters of images ``lo:hi`` of the batch ``params`` were drawn for."""
+        return {k: v if k in cls.SHARED_PARAMS else v[lo:hi] for k, v in params.items()}
 
     def apply(self, images: torch.Tensor, params: dict) -> list[torch.Tensor]:
         """Run the augmentation with given ``params`` (from :meth:`sample_params`).

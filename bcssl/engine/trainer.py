@@ -120,18 +120,6 @@ def build_method(cfg: DictConfig) -> SSLMethod:
     return create_method(cfg.method.name, cfg.model, cfg.method)
 
 
-def rank_crops(multicrop: MultiCrop, images: torch.Tensor, seed: int, dist: ddp.DistInfo) -> list[torch.Tensor]:
-    """This rank's crops: the random parameters are drawn for the whole global batch and this
-    rank takes its slice, so W ranks make exactly the crops one process makes for the global batch."""
-    if not dist.enabled:
-        return multicrop(images, seed=seed)
-    b = images.shape[0]
-    params = multicrop.sample_params(b * dist.world_size, seed, image_size=tuple(images.shape[-2:]))
-    lo, hi = dist.rank * b, (dist.rank + 1) * b
-    params = {k: v if k in MultiCrop.SHARED_PARAMS else v[lo:hi] for k, v in params.items()}
-    return multicrop.apply(images, params)
-
-
 class _NoMetrics:
     """What ranks other than 0 log to: nothing."""
 
@@ -270,7 +258,7 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
             optimizer.param_groups[1].update(lr=lr)
 
             images = images.to(device, non_blocking=True)
-            crops = rank_crops(multicrop, images, step_seed(cfg.seed, step), dist)
+            crops = multicrop(images, step_seed(cfg.seed, step), rank=dist.rank, world_size=dist.world_size)
             crops = [c.contiguous(memory_format=memory_format) for c in crops]
             torch.manual_seed(step_seed(cfg.seed + 1, step))  # stochastic depth
             with autocast:

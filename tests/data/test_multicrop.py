@@ -374,16 +374,18 @@ def test_cpu_chunking_does_not_change_results():
 
 def test_an_images_crops_do_not_depend_on_the_rest_of_the_batch():
     """DDP: a rank's slice of the global batch (with the matching slice of the parameters, as
-    engine/trainer.py rank_crops takes it) gets exactly the crops one process makes."""
+    ``MultiCrop(images, seed, rank, world_size)`` takes it) gets exactly the crops one process makes."""
     cfg = MultiCropConfig(global_size=24, local_size=12, n_local=2, blur_p=(0.5, 0.1, 0.5), blur_sigma=(0.1, 3.0))
     mc = MultiCrop(cfg)
     images = uint8_images(12, seed=3)
     params = mc.sample_params(12, seed=11, image_size=(40, 48))
     full = [o.clone() for o in mc.apply(images, params)]
     for lo, hi in ((0, 4), (4, 12)):
-        part = {k: v if k in MultiCrop.SHARED_PARAMS else v[lo:hi] for k, v in params.items()}
-        for a, b in zip(full, mc.apply(images[lo:hi], part)):
+        for a, b in zip(full, mc.apply(images[lo:hi], MultiCrop.slice_params(params, lo, hi))):
             assert torch.equal(a[lo:hi], b)
+    # the same through the call a DDP rank makes: rank 1 of 3, images 4:8
+    for a, b in zip(full, mc(images[4:8], seed=11, rank=1, world_size=3)):
+        assert torch.equal(a[4:8], b)
 
 
 @pytest.mark.parametrize("c", [3, 1])
