@@ -158,10 +158,10 @@ def _emit(args, result: dict, human: str) -> None:
 
 def cmd_pretrain(args) -> None:
     from bcssl.config import load_config
-    from bcssl.engine.trainer import resolve_device, train
+    from bcssl.engine.trainer import train
     from bcssl.eval.knn import knn_monitor
 
-    from bcssl.engine.distributed import env_world_size, relaunch_with_torchrun
+    from bcssl.engine.distributed import env_rank, env_world_size, relaunch_with_torchrun
 
     if args.nproc is not None and env_world_size() == 1:
         if args.nproc < 1:
@@ -172,9 +172,8 @@ def cmd_pretrain(args) -> None:
                 raise SystemExit(rc)
             return
     cfg = load_config(args.config, args.overrides)
-    device = "cpu" if env_world_size() > 1 else resolve_device(cfg.device)  # the k-NN monitor runs on rank 0 only
-    result = train(cfg, knn_eval=knn_monitor(cfg, device)).as_dict()
-    if int(os.environ.get("RANK", "0")) != 0:
+    result = train(cfg, knn_eval=knn_monitor(cfg)).as_dict()
+    if env_rank() != 0:
         return  # rank 0 reports
     knn = f", k-NN top-1 {result['knn_top1']:.2f}%" if result["knn_top1"] is not None else ""
     if result["preempted"]:

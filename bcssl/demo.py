@@ -11,7 +11,7 @@ import torch
 from omegaconf import DictConfig
 
 from bcssl.eval.features import load_run_backbone
-from bcssl.eval.knn import KNNEvaluator, knn_classify
+from bcssl.eval.knn import KNNEvaluator, knn_classify, knn_monitor
 from bcssl.eval.report import write_report
 from bcssl.engine.run_dir import run_dir_of
 from bcssl.engine.trainer import build_method, resolve_device, train
@@ -44,10 +44,8 @@ def run_demo(cfg: DictConfig) -> dict:
     random_init = final_eval(build_method(cfg).eval_backbone().to(device))
     print(f"[demo] k-NN of the network at random initialisation: {random_init['top1']:.2f}%", flush=True)
 
-    monitor = KNNEvaluator(cfg, device, progress=progress, train_limit=cfg.eval.knn_train_limit,
-                           test_limit=cfg.eval.knn_test_limit)
     cfg.eval.final_knn = False  # the final evaluation below uses the full sets
-    result = train(cfg, knn_eval=lambda method, epoch: monitor(method.eval_backbone()))
+    result = train(cfg, knn_eval=knn_monitor(cfg))
 
     _, backbone, _ = load_run_backbone(result.run_dir)  # the final weights, also when the run was resumed
     pretrained = final_eval(backbone.to(device))

@@ -26,6 +26,7 @@ from typing import Sequence
 from omegaconf import DictConfig
 
 from bcssl.config import ConfigError, load_config
+from bcssl.engine.distributed import env_rank
 
 log = logging.getLogger("bcssl")
 
@@ -126,13 +127,13 @@ class Sweep:
                 raise ConfigError(f"{self.out} holds a sweep of --config {old.get('config')} with overrides "
                                   f"{old.get('overrides')}; this one is {self.config} with {self.overrides}: "
                                   "use another --out")
-        if int(os.environ.get("RANK", "0")) == 0:
+        if env_rank() == 0:
             self.out.mkdir(parents=True, exist_ok=True)
             _write_json(path, {**spec, "grid": self.grid, "seeds": self.seeds})
 
     def run_one(self, combo: Combination, *, train_only: bool = False, progress: bool = True) -> dict | None:
         """Train (or resume) and evaluate one combination; returns its result (None if train_only)."""
-        from bcssl.engine.trainer import resolve_device, train
+        from bcssl.engine.trainer import train
         from bcssl.eval.knn import knn_monitor
 
         done = self.result(combo)
@@ -142,8 +143,8 @@ class Sweep:
         cfg = self.run_config(combo)
         log.info("sweep [%d/%d]: %s", combo.index + 1, len(self.combinations), combo.name)
         t0 = time.perf_counter()
-        trained = train(cfg, knn_eval=knn_monitor(cfg, resolve_device(cfg.device)))
-        if train_only or int(os.environ.get("RANK", "0")) != 0:
+        trained = train(cfg, knn_eval=knn_monitor(cfg))
+        if train_only or env_rank() != 0:
             return None
         result = {"name": combo.name, "index": combo.index, "assignments": dict(combo.assignments),
                   "seed": combo.seed, "run_dir": str(self.run_dir(combo)), "train_s": trained.train_s,
@@ -186,7 +187,7 @@ class Sweep:
         todo = self.combinations if indices is None else [self._combo(i) for i in indices]
         for combo in todo:
             self.run_one(combo, train_only=train_only, progress=progress)
-        if summarize and not train_only and int(os.environ.get("RANK", "0")) == 0:
+        if summarize and not train_only and env_rank() == 0:
             return self.summarize()
         return {"out": str(self.out), "ran": [c.name for c in todo]}
 

@@ -38,6 +38,11 @@ def env_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def env_rank() -> int:
+    """This process's rank as torchrun set it (0 outside torchrun), readable before the group is joined."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
     """Join the process group when started by ``torchrun`` (WORLD_SIZE > 1); returns this
     process's rank info and its device (``cuda:LOCAL_RANK`` on GPUs)."""
@@ -79,14 +84,15 @@ def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     return value / dist.get_world_size()
 
 
-def any_process(flag: bool, device: torch.device) -> bool:
-    """True on every process when ``flag`` is true on at least one (e.g. a preemption signal
-    that reached only some ranks): all ranks then stop at the same step."""
+def any_process(flags: list[bool], device: torch.device) -> list[bool]:
+    """Each flag made true on every process when it is true on at least one (a non-finite loss
+    or a preemption signal that reached only some ranks), in one all-reduce: all ranks then
+    skip or stop at the same step."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
+        return list(flags)
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(t)
-    return bool(t.item() > 0)
+    return [bool(v > 0) for v in t.tolist()]
 
 
 def barrier() -> None:
@@ -160,4 +166,4 @@ def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
 
 
 __all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_mean", "any_process", "barrier",
-           "CPUSyncBatchNorm", "convert_sync_batchnorm", "relaunch_with_torchrun", "env_world_size"]
+           "CPUSyncBatchNorm", "convert_sync_batchnorm", "relaunch_with_torchrun", "env_world_size", "env_rank"]

@@ -245,9 +245,6 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
                    dynamic_ncols=True)
         t_log, n_log = time.perf_counter(), 0
         for images, _ in bar:
-            if ddp.any_process(preempt.signal is not None, device):  # all ranks stop at the same step
-                stopped_by = preempt.signal or "another process's signal"
-                break
             if images.shape[0] == 0:  # every image of this batch was unreadable (counted by the loader)
                 step += 1
                 continue
@@ -264,10 +261,14 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
             with autocast:
                 loss, logs = step_fn(crops, step)
 
-            finite = bool(torch.isfinite(loss))
-            if dist.enabled:  # every rank skips (or stops) together
-                finite = not ddp.any_process(not finite, device)
-            if not finite:
+            # One all-reduce per step tells every rank whether any rank saw a non-finite loss or a
+            # preemption signal, so all skip, or stop, at the same step.
+            nonfinite, preempted = ddp.any_process([not bool(torch.isfinite(loss)), preempt.signal is not None],
+                                                   device)
+            if preempted:  # before the update: the checkpoint below holds the weights of `step`
+                stopped_by = preempt.signal or "another process's signal"
+                break
+            if nonfinite:
                 # Skip the update (no optimiser step, no EMA) and count it; a long streak stops the run.
                 nonfinite_streak += 1
                 nonfinite_total += 1

@@ -108,11 +108,20 @@ def knn_of_run(run_dir, overrides=(), *, device=None, progress: bool = True) -> 
     return result
 
 
-def knn_monitor(cfg, device):
+def knn_monitor(cfg):
     """The k-NN monitor for :func:`bcssl.engine.trainer.train` (``eval.knn_every`` /
-    ``eval.final_knn``; banks limited by ``eval.knn_train_limit`` / ``knn_test_limit``), or None."""
+    ``eval.final_knn``; banks limited by ``eval.knn_train_limit`` / ``knn_test_limit``), or None.
+
+    Its datasets are loaded at the first evaluation, on the device the method trains on: under
+    DDP only rank 0 evaluates, so the other ranks never load them."""
     if not (cfg.eval.knn_every or cfg.eval.final_knn):
         return None
-    evaluator = KNNEvaluator(cfg, device, progress=cfg.train.progress, train_limit=cfg.eval.knn_train_limit,
-                             test_limit=cfg.eval.knn_test_limit)
-    return lambda method, epoch: evaluator(method.eval_backbone())
+    evaluator = None
+
+    def monitor(method, epoch):
+        nonlocal evaluator
+        if evaluator is None:
+            evaluator = KNNEvaluator(cfg, next(method.parameters()).device, progress=cfg.train.progress,
+                                     train_limit=cfg.eval.knn_train_limit, test_limit=cfg.eval.knn_test_limit)
+        return evaluator(method.eval_backbone())
+    return monitor
