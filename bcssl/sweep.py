@@ -27,6 +27,7 @@ from omegaconf import DictConfig
 
 from bcssl.config import ConfigError, load_config
 from bcssl.engine.distributed import env_rank
+from bcssl.engine.run_dir import write_json
 
 log = logging.getLogger("bcssl")
 
@@ -129,7 +130,7 @@ class Sweep:
                                   "use another --out")
         if env_rank() == 0:
             self.out.mkdir(parents=True, exist_ok=True)
-            _write_json(path, {**spec, "grid": self.grid, "seeds": self.seeds})
+            write_json(path, {**spec, "grid": self.grid, "seeds": self.seeds})
 
     def run_one(self, combo: Combination, *, train_only: bool = False, progress: bool = True) -> dict | None:
         """Train (or resume) and evaluate one combination; returns its result (None if train_only)."""
@@ -151,7 +152,7 @@ class Sweep:
                   "imgs_per_s": trained.imgs_per_s, "epochs": trained.epochs, "images_seen": trained.images_seen}
         result.update(self.evaluate(combo, progress=progress))
         result["wall_s"] = time.perf_counter() - t0
-        _write_json(self.run_dir(combo) / RESULT, result)
+        write_json(self.run_dir(combo) / RESULT, result)
         return result
 
     def evaluate(self, combo: Combination, progress: bool = True) -> dict:
@@ -227,8 +228,3 @@ bcssl sweep {cli_args} --index "$SLURM_ARRAY_TASK_ID" --no-summary
         path.write_text(script)
         return path
 
-
-def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    os.replace(tmp, path)

@@ -10,6 +10,15 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    """Write ``obj`` as indented JSON atomically (temporary file + rename): a reader never sees
+    half a file, e.g. a result that marks a run or evaluation as finished."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
 def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.run.dir) / cfg.run.name
 

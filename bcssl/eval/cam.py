@@ -24,7 +24,6 @@ reports a "CAM area" (fraction of pixels above 0.5) per map and per row.
 """
 from __future__ import annotations
 
-import json
 import os
 import warnings
 from collections.abc import Sequence
@@ -36,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bcssl.engine.run_dir import write_json
 from bcssl.eval.features import eval_preprocess
 
 METHODS = ("gradcam", "eigencam")
@@ -443,9 +443,7 @@ def cam_for_runs(run_dirs: Sequence[Union[str, os.PathLike]], images, *, methods
                "cam_area_mean": {r["label"]: r["cam_area_mean"] for r in summary_rows},
                "png": str(png), "json": str(png.with_suffix(".json")), "images": list(names),
                "rows": summary_rows}
-    tmp = png.with_name(f".{png.stem}.json.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(summary, indent=2) + "\n")
-    os.replace(tmp, summary["json"])
+    write_json(summary["json"], summary)
     return summary
 
 

@@ -84,10 +84,9 @@ class KNNEvaluator:
 def knn_of_run(run_dir, overrides=(), *, device=None, progress: bool = True) -> dict:
     """k-NN of a run's eval backbone on its full train (bank) and eval splits, with the features
     cached per checkpoint (shared with the linear probe). Writes ``<run>/knn.json`` and returns it."""
-    import json
-    import os
     from pathlib import Path
 
+    from bcssl.engine.run_dir import write_json
     from bcssl.engine.trainer import resolve_device
     from bcssl.eval.features import load_run, run_features
 
@@ -101,10 +100,7 @@ def knn_of_run(run_dir, overrides=(), *, device=None, progress: bool = True) -> 
                        num_classes=num_classes)
     result = {"run_dir": str(run_dir), "knn_top1": res["top1"], "knn_top5": res["top5"], "k": cfg.eval.knn_k,
               "checkpoint_step": loaded.step, "checkpoint_sha256": loaded.checkpoint_sha256}
-    out = Path(run_dir) / "knn.json"
-    tmp = out.with_name(f".knn.json.tmp.{os.getpid()}")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(Path(run_dir) / "knn.json", result)
     return result
 
 

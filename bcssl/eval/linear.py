@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from bcssl.engine.run_dir import write_json
 from bcssl.eval.features import load_run, run_features
 
 LINEAR_WEIGHTS = "linear.safetensors"
@@ -423,9 +424,7 @@ def linear_probe(run_dir: str | os.PathLike, overrides: Sequence[str] = (), devi
     }
     save_linear_classifier(layer, run, {"checkpoint_sha256": loaded.checkpoint_sha256,
                                         "num_classes": num_classes, "feature_dim": layer.in_features})
-    tmp = run / f".{LINEAR_JSON}.tmp.{os.getpid()}"
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, run / LINEAR_JSON)
+    write_json(run / LINEAR_JSON, result)
     _append_metrics(run, {"kind": "linear", "step": _last_step(run, loaded.step), "top1": res["top1"],
                           "top5": res["top5"], "epochs": int(lc.epochs), "lr": result["lr"],
                           "augment": bool(lc.augment), "train_s": res["train_s"]})
