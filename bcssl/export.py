@@ -121,19 +121,12 @@ def _bcssl_kwargs(m) -> dict:
 
 
 def config_model_kwargs(model_cfg) -> dict:
-    """``create_backbone(model_cfg.name, **kwargs)`` kwargs of a run's ``model.*`` config, as
-    ``bcssl.methods.base.backbone_from_config`` passes them, with ``drop_path_rate=0``."""
-    from omegaconf import OmegaConf
+    """The run's backbone kwargs (as the methods build it, :func:`backbone_kwargs`) for inference
+    (no drop path), with lists for the JSON metadata."""
+    from bcssl.methods.base import backbone_kwargs
 
-    kw: dict[str, Any] = {}
-    for key in ("kernel_size", "dw_norm", "stem_stride", "depths", "dims"):
-        value = model_cfg.get(key)
-        if value is not None:
-            kw[key] = list(value) if OmegaConf.is_list(value) else value
-    if model_cfg.get("random_patch_projection"):
-        kw["random_patch_projection"] = True
-    kw["drop_path_rate"] = 0.0
-    return kw
+    return {k: list(v) if isinstance(v, tuple) else v
+            for k, v in backbone_kwargs(model_cfg, drop_path_rate=0.0).items()}
 
 
 def _build(model: str, kwargs: dict) -> nn.Module:

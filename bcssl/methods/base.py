@@ -11,9 +11,10 @@ from bcssl.engine.schedules import cosine_schedule
 from bcssl.models import create_backbone
 
 
-def backbone_from_config(model_cfg, **overrides) -> nn.Module:
-    """Build ``model.*`` from a config; ``overrides`` (e.g. ``drop_path_rate=0``) win. Keys left
-    at None are not passed, so each model keeps its own default."""
+def backbone_kwargs(model_cfg, **overrides) -> dict:
+    """``create_backbone(model_cfg.name, **kwargs)`` kwargs of a ``model.*`` config; ``overrides``
+    (e.g. ``drop_path_rate=0``) win. Keys left at None are not passed, so each model keeps its own
+    default; lists become tuples."""
     kw = {}
     for key in ("kernel_size", "dw_norm", "stem_stride", "drop_path_rate", "depths", "dims"):
         value = model_cfg.get(key)
@@ -22,6 +23,12 @@ def backbone_from_config(model_cfg, **overrides) -> nn.Module:
     if model_cfg.get("random_patch_projection"):  # MoCo v3's frozen random patch embedding (ViT only)
         kw["random_patch_projection"] = True
     kw.update(overrides)
+    return kw
+
+
+def backbone_from_config(model_cfg, **overrides) -> nn.Module:
+    """Build ``model.*`` from a config (:func:`backbone_kwargs`)."""
+    kw = backbone_kwargs(model_cfg, **overrides)
     try:
         return create_backbone(model_cfg.name, **kw)
     except TypeError as e:
