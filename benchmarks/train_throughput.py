@@ -47,19 +47,35 @@ from bcssl.engine.trainer import build_method, multicrop_from_config, param_grou
 
 
 class PILDataset(torch.utils.data.Dataset):
-    """The reference: one PIL image at a time through DataAugmentationDINO."""
+    """The reference: one PIL image at a time through DataAugmentationDINO.
 
-    def __init__(self, images: torch.Tensor, aug: DataAugmentationDINO):
+    ``length`` may exceed the number of images (they repeat): the DataLoader must still have
+    batches to make while the clock runs. With only as many batches as the measurement consumes,
+    its workers finish them all during the untimed warm-up (they prefetch ``2 * workers``
+    batches), and (c) would be timed without any of its augmentation.
+    """
+
+    def __init__(self, images: torch.Tensor, aug: DataAugmentationDINO, length: int | None = None):
         from PIL import Image
 
         self.pil = [Image.fromarray(img.permute(1, 2, 0).squeeze(-1).numpy()).convert("RGB") for img in images]
         self.aug = aug
+        self.length = length or len(self.pil)
 
     def __len__(self):
-        return len(self.pil)
+        return self.length
 
     def __getitem__(self, i):
-        return self.aug(self.pil[i])
+        return self.aug(self.pil[i % len(self.pil)])
+
+
+def reference_batches(measured: int, workers: int, prefetch_factor: int = 2) -> int:
+    """Batches the reference DataLoader must hold so that its workers still work while the clock
+    runs: the ``measured`` (warm-up + timed) steps plus the ``prefetch_factor * workers`` batches
+    it keeps queued ahead. The queue is then as full when the clock stops as when it started, so
+    the workers make (and compete for the CPU with the model for) one batch per timed step.
+    """
+    return measured + prefetch_factor * max(workers, 1) + 1
 
 
 def make_step(method, cfg, memory_format, autocast, fused: bool | None = None, scaler=None):
@@ -192,7 +208,8 @@ def main() -> None:
         pipelines["b"] = (make_step(fresh_method(), cfg, mf, autocast, scaler=amp_scaler()), lambda: iter(pre))
         # (c) reference: PIL multi-crop per image in DataLoader workers
         images = torch.cat([x for x, _ in loader.epoch(0)])
-        ref = torch.utils.data.DataLoader(PILDataset(images, DataAugmentationDINO(multicrop.cfg)), batch_size=B,
+        ref_len = B * reference_batches(n, args.workers)
+        ref = torch.utils.data.DataLoader(PILDataset(images, DataAugmentationDINO(multicrop.cfg), ref_len), batch_size=B,
                                           num_workers=args.workers, drop_last=True, persistent_workers=False,
                                           pin_memory=device.type == "cuda")
         step_c = make_step(fresh_method(), cfg, mf, autocast, scaler=amp_scaler())

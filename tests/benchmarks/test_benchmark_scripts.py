@@ -36,3 +36,21 @@ def test_train_throughput_option_rows(tiny_fmnist):
     assert all(row["img_s"] > 0 and row["over_plain"] > 0 for row in result["options"].values())
     assert "bcssl_end_to_end_img_s" not in result  # --only-options: no (a)-(c)
     assert any(note.startswith("fp16") for note in result["options_skipped"])
+
+
+def test_reference_loader_keeps_working_while_timed():
+    """(c) must pay for its augmentation on the clock: its dataset outlasts the measured steps by
+    the DataLoader's prefetch queue, and repeats the images to get there."""
+    import torch
+
+    sys.path.insert(0, os.path.join(REPO, "benchmarks"))
+    from train_throughput import PILDataset, reference_batches
+
+    for measured, workers in [(5, 2), (2, 0), (9, 4)]:
+        assert reference_batches(measured, workers) > measured + 2 * workers
+    calls = []
+    ds = PILDataset(torch.arange(3 * 4 * 4, dtype=torch.uint8).view(3, 1, 4, 4), calls.append, length=7)
+    assert len(ds) == 7
+    for i in range(7):
+        ds[i]
+    assert [c.getpixel((0, 0))[0] for c in calls] == [0, 16, 32, 0, 16, 32, 0]
