@@ -41,7 +41,7 @@ def run_demo(cfg: DictConfig) -> dict:
     pixels = pixel_knn(final_eval)
     print(f"[demo] k-NN on raw pixels: {pixels['top1']:.2f}%", flush=True)
     torch.manual_seed(cfg.seed)  # the same initialisation the training run starts from
-    random_init = final_eval(build_method(cfg).eval_backbone().to(device))
+    random_init = final_eval(build_method(cfg).eval_backbone(cfg.eval.encoder).to(device))
     print(f"[demo] k-NN of the network at random initialisation: {random_init['top1']:.2f}%", flush=True)
 
     cfg.eval.final_knn = False  # the final evaluation below uses the full sets

@@ -539,6 +539,7 @@ def _run_metadata(run: Path, loaded) -> dict:
     cfg = loaded.cfg
     return {"variant": str(cfg.model.name), "method": str(cfg.method.name), "source_run": str(run.resolve()),
             "checkpoint": loaded.checkpoint_path.name, "checkpoint_sha256": loaded.checkpoint_sha256,
+            "encoder": loaded.encoder,
             "step": loaded.step, "input_size": int(cfg.crops.global_size),
             "mean": [float(v) for v in cfg.crops.mean], "std": [float(v) for v in cfg.crops.std]}
 

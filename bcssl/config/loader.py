@@ -130,6 +130,8 @@ def _validate(cfg: DictConfig) -> None:
     need(len(cfg.crops.blur_p) == 3 and len(cfg.crops.solarize_p) == 3,
          "crops.blur_p and crops.solarize_p need 3 values: global1, global2, locals")
     need(cfg.data.limit is None or cfg.data.limit > 0, "data.limit must be a positive number of images")
+    need(cfg.eval.encoder in ("auto", "student", "teacher"),
+         f"eval.encoder must be auto, student or teacher, got '{cfg.eval.encoder}'")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -123,6 +123,9 @@ class EvalConfig:
     knn_test_limit: Optional[int] = None
     batch_size: int = 256
     final_knn: bool = True
+    # the network every evaluation uses: auto (the method's paper: DINO's teacher, the online
+    # encoder of BYOL / MoCo v3 / CARE), student (the optimised one) or teacher (the EMA one)
+    encoder: str = "auto"
     robustness_limit: Optional[int] = 1000  # images for on-the-fly corruptions (bcssl sweep; None = all)
     imagenet_c: Optional[str] = None  # released ImageNet-C folder: the sweep's robustness for image folders
 

@@ -110,6 +110,7 @@ class LoadedRun:
     checkpoint_path: Path
     checkpoint_sha256: str
     step: int | None
+    encoder: str = "teacher"  # which network ``backbone`` is (eval.encoder, resolved)
 
 
 def _load_checkpoint_consistently(path: Path, retries: int = 5) -> tuple[dict, Path, str]:
@@ -165,9 +166,10 @@ def load_run(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> Loade
         raise FileNotFoundError(f"{used} is not a bcssl pre-training checkpoint (no 'method' state)")
     method = build_method(cfg)
     method.load_state_dict(state["method"])
-    backbone = method.eval_backbone().eval()
+    encoder = method.resolve_eval_encoder(cfg.eval.encoder)
+    backbone = method.eval_backbone(encoder).eval()
     step = state.get("step")
-    return LoadedRun(cfg, backbone, used, digest, int(step) if step is not None else None)
+    return LoadedRun(cfg, backbone, used, digest, int(step) if step is not None else None, encoder)
 
 
 def load_run_backbone(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[DictConfig, nn.Module, Path]:
@@ -253,7 +255,7 @@ def run_features(loaded: LoadedRun, split: str, limit: int | None = None, *, dev
     dataset_key = json.dumps({"name": d.name, "root": str(d.root), "split": split, "load_size": d.load_size,
                               "limit": limit, "len": len(ds), "classes": int(ds.num_classes)})
     transform_key = json.dumps({"eval_preprocess": c.global_size, "mean": list(c.mean), "std": list(c.std),
-                                "amp": cfg.train.amp})
+                                "amp": cfg.train.amp, "encoder": loaded.encoder})
     return cached_features(Path(loaded.checkpoint_path).parent, loaded.checkpoint_path,
                            backbone, dataset_key, transform_key, lambda: loader.epoch(0),
                            checkpoint_sha256=loaded.checkpoint_sha256, **kw)

@@ -86,19 +86,25 @@ def knn_of_run(run_dir, overrides=(), *, device=None, progress: bool = True) -> 
     cached per checkpoint (shared with the linear probe). Writes ``<run>/knn.json`` and returns it."""
     from pathlib import Path
 
+    from bcssl.data import build_dataset
     from bcssl.engine.run_dir import write_json
     from bcssl.engine.trainer import resolve_device
     from bcssl.eval.features import load_run, run_features
 
     loaded = load_run(run_dir, overrides)
-    cfg = loaded.cfg
+    cfg, d = loaded.cfg, loaded.cfg.data
     device = resolve_device(str(device) if device is not None else cfg.device)
-    train_f, train_y = run_features(loaded, cfg.data.split, device=device, progress=progress)
-    test_f, test_y = run_features(loaded, cfg.data.eval_split, device=device, progress=progress)
-    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    sets = {split: build_dataset(d.name, root=d.root, split=split, download=d.download, load_size=d.load_size)
+            for split in dict.fromkeys((d.split, d.eval_split))}
+    # the dataset's class count, not the largest label seen: a class missing from the data
+    # would otherwise shrink the vote vector (as the k-NN monitor and the linear probe count)
+    num_classes = int(sets[d.split].num_classes)
+    train_f, train_y = run_features(loaded, d.split, device=device, progress=progress, dataset=sets[d.split])
+    test_f, test_y = run_features(loaded, d.eval_split, device=device, progress=progress, dataset=sets[d.eval_split])
     res = knn_classify(train_f, train_y, test_f, test_y, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
                        num_classes=num_classes)
     result = {"run_dir": str(run_dir), "knn_top1": res["top1"], "knn_top5": res["top5"], "k": cfg.eval.knn_k,
+              "encoder": loaded.encoder,
               "checkpoint_step": loaded.step, "checkpoint_sha256": loaded.checkpoint_sha256}
     write_json(Path(run_dir) / "knn.json", result)
     return result
@@ -119,5 +125,5 @@ def knn_monitor(cfg):
         if evaluator is None:
             evaluator = KNNEvaluator(cfg, next(method.parameters()).device, progress=cfg.train.progress,
                                      train_limit=cfg.eval.knn_train_limit, test_limit=cfg.eval.knn_test_limit)
-        return evaluator(method.eval_backbone())
+        return evaluator(method.eval_backbone(cfg.eval.encoder))
     return monitor

@@ -420,7 +420,7 @@ def linear_probe(run_dir: str | os.PathLike, overrides: Sequence[str] = (), devi
         "eval_split": d.eval_split, "eval_images": int(test_y.shape[0]), "final_loss": res["losses"][-1],
         "train_s": res["train_s"], "wall_s": time.perf_counter() - t_start,
         "checkpoint": str(loaded.checkpoint_path), "checkpoint_step": loaded.step,
-        "checkpoint_sha256": loaded.checkpoint_sha256,
+        "checkpoint_sha256": loaded.checkpoint_sha256, "encoder": loaded.encoder,
     }
     save_linear_classifier(layer, run, {"checkpoint_sha256": loaded.checkpoint_sha256,
                                         "num_classes": num_classes, "feature_dim": layer.in_features})

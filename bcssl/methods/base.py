@@ -81,10 +81,13 @@ class SSLMethod(nn.Module):
     temperatures); the trainer owns the optimiser, lr/wd schedules, AMP and checkpoints.
 
     Subclasses set ``self.student`` (the module whose parameters are optimised) and implement
-    :meth:`loss` and :meth:`eval_backbone`.
+    :meth:`loss` and :meth:`backbones`.
     """
 
     student: nn.Module
+    # The network evaluated when ``eval.encoder`` is ``auto``: the one the method's paper and
+    # official evaluation scripts use (DINO: the teacher; BYOL, MoCo v3, CARE: the online encoder).
+    default_eval_encoder: str = "teacher"
     # The run length, set by setup(); until then a one-step run (a method used outside the trainer)
     steps_per_epoch: int = 1
     epochs: int = 1
@@ -120,8 +123,20 @@ class SSLMethod(nn.Module):
     def after_step(self, step: int) -> None:
         """Hook after the optimiser step (EMA teacher update)."""
 
-    def eval_backbone(self) -> nn.Module:
+    def backbones(self) -> dict[str, nn.Module]:
+        """``{"student": the optimised backbone, "teacher": the EMA one}``."""
         raise NotImplementedError
+
+    def eval_backbone(self, encoder: str = "auto") -> nn.Module:
+        """The backbone evaluators use: ``encoder`` (``eval.encoder``) is ``student``, ``teacher``
+        or ``auto`` (:attr:`default_eval_encoder`)."""
+        return self.backbones()[self.resolve_eval_encoder(encoder)]
+
+    def resolve_eval_encoder(self, encoder: str = "auto") -> str:
+        name = self.default_eval_encoder if encoder in (None, "auto") else encoder
+        if name not in ("student", "teacher"):
+            raise ValueError(f"eval.encoder must be auto, student or teacher, got {encoder!r}")
+        return name
 
     @property
     def num_global_crops(self) -> int:

@@ -131,14 +131,17 @@ def target_encoder(model_cfg, encoder: Encoder) -> Encoder:
 
 class OnlineTargetMethod(SSLMethod):
     """What BYOL, MoCo v3 and CARE share: ``student.encoder`` is averaged into ``teacher`` after
-    each step (parameters only), the online backbone is evaluated, and collapse is read from the
-    spread of the online projections."""
+    each step (parameters only), the online backbone is evaluated by default (as BYOL's and MoCo
+    v3's official evaluation scripts do), and collapse is read from the spread of the online
+    projections."""
+
+    default_eval_encoder = "student"
 
     def after_step(self, step: int) -> None:
         ema_update(self.teacher.parameters(), self.student.encoder.parameters(), self.momentum(step))
 
-    def eval_backbone(self) -> nn.Module:
-        return self.student.encoder.backbone
+    def backbones(self) -> dict[str, nn.Module]:
+        return {"student": self.student.encoder.backbone, "teacher": self.teacher.backbone}
 
     def collapse_warning(self, logs: dict) -> str | None:
         return representation_collapse_warning(logs, self.cfg.proj_dim)

@@ -109,8 +109,8 @@ class DINO(SSLMethod):
     def after_step(self, step: int) -> None:
         ema_update(self.teacher.parameters(), self.student.parameters(), self.momentum(step))
 
-    def eval_backbone(self) -> nn.Module:
-        return self.teacher.backbone
+    def backbones(self) -> dict[str, nn.Module]:
+        return {"student": self.student.backbone, "teacher": self.teacher.backbone}
 
     def collapse_warning(self, logs: dict) -> str | None:
         # DINO's two failure modes (Caron et al., sec. 5.3): a uniform teacher (centring wins)

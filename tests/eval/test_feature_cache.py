@@ -1,6 +1,7 @@
 """Feature cache keyed by (checkpoint bytes, dataset, transform) and loading a run's eval backbone."""
 import hashlib
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -176,3 +177,26 @@ def test_load_run_retries_when_a_save_races_the_load(tmp_path, tiny_fmnist, monk
     assert loaded.checkpoint_sha256 == file_sha256(path)  # digest of the file the weights came from
     got = loaded.backbone.state_dict()[key[len("teacher.backbone."):]]
     assert torch.equal(got, newer["method"][key])
+
+
+def test_eval_encoder_chooses_the_backbone_and_keys_the_cache(tmp_path, tiny_fmnist):
+    """eval.encoder=student evaluates DINO's student: other weights, so other cached features, and
+    k-NN / linear results say which network they measured."""
+    from bcssl.eval.features import run_features
+    from bcssl.eval.knn import knn_of_run
+
+    cfg = tiny_config(tmp_path, tiny_fmnist, "train.epochs=1", "eval.final_knn=false")
+    run = train(cfg).run_dir
+    method = build_method(cfg)
+    method.load_state_dict(ckpt.load(ckpt.latest(run))["method"])
+    for encoder, want in [("auto", method.teacher.backbone), ("teacher", method.teacher.backbone),
+                          ("student", method.student.backbone)]:
+        loaded = load_run(run, [f"eval.encoder={encoder}"])
+        got = loaded.backbone.state_dict()
+        assert loaded.encoder == ("teacher" if encoder == "auto" else encoder)
+        assert all(torch.equal(v, got[k]) for k, v in want.state_dict().items())
+    teacher_f, _ = run_features(load_run(run), cfg.data.eval_split, progress=False)
+    student_f, _ = run_features(load_run(run, ["eval.encoder=student"]), cfg.data.eval_split, progress=False)
+    assert not torch.allclose(teacher_f, student_f)  # not served from the teacher's cache file
+    assert len(list((Path(run) / "cache").glob("features-*.pt"))) == 2
+    assert knn_of_run(run, ["eval.encoder=student"], progress=False)["encoder"] == "student"
