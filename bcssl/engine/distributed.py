@@ -100,6 +100,35 @@ def barrier() -> None:
         dist.barrier()
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes with a gradient: every process's output is the sum of all inputs, so each
+    input's gradient is the sum over processes of the gradients reaching the outputs.
+    (``torch.distributed.nn.functional.all_reduce`` is deprecated, and the functional collectives
+    it points to have no autograd formula for all_reduce.)"""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        # None for the default group: an output's grad_fn outlives backward, and a ProcessGroup
+        # kept alive by it is destroyed only at interpreter exit, where gloo's threads can abort
+        # the process ("terminate called without an active exception")
+        ctx.group = None if group is None or group is dist.group.WORLD else group
+        x = x.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.clone(memory_format=torch.contiguous_format)
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def all_reduce_sum_with_grad(x: torch.Tensor, group=None) -> torch.Tensor:
+    """Differentiable sum all-reduce (see :class:`_AllReduceSum`)."""
+    return _AllReduceSum.apply(x, group)
+
+
 class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     """Synchronised BatchNorm for CPU tensors (gloo), which ``nn.SyncBatchNorm`` refuses (and DDP
     refuses ``nn.SyncBatchNorm`` in CPU modules). The same statistics: mean and biased variance
@@ -117,20 +146,18 @@ class CPUSyncBatchNorm(nn.modules.batchnorm._BatchNorm):
                 and dist.get_world_size(self.process_group or dist.group.WORLD) > 1)
         if not sync:
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce  # differentiable all-reduce
-
         self._check_input_dim(input)
         dims = [0] + list(range(2, input.dim()))
         x = input.float()
-        group = self.process_group or dist.group.WORLD
+        group = self.process_group
         c = input.shape[1]
         n_local = torch.tensor([input.numel() / c], dtype=torch.float32)
         # two passes (mean, then squared deviations): E[x^2] - E[x]^2 loses digits when |mean| >> std
-        stats = all_reduce(torch.cat([x.sum(dims), n_local]), group=group)
+        stats = all_reduce_sum_with_grad(torch.cat([x.sum(dims), n_local]), group)
         n = stats[-1]
         mean = stats[:c] / n
         shape = [1, c] + [1] * (input.dim() - 2)
-        var = all_reduce((x - mean.view(shape)).pow(2).sum(dims), group=group) / n
+        var = all_reduce_sum_with_grad((x - mean.view(shape)).pow(2).sum(dims), group) / n
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked.add_(1)
@@ -166,4 +193,4 @@ def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
 
 
 __all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_mean", "any_process", "barrier",
-           "CPUSyncBatchNorm", "convert_sync_batchnorm", "relaunch_with_torchrun", "env_world_size", "env_rank"]
+           "CPUSyncBatchNorm", "all_reduce_sum_with_grad", "convert_sync_batchnorm", "relaunch_with_torchrun", "env_world_size", "env_rank"]

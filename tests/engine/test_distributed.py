@@ -73,7 +73,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, ti
 
 def test_sync_batchnorm_on_cpu_matches_batchnorm_on_the_global_batch(tmp_path):
     """2 gloo processes, each with half the batch, give the single-process BN output, gradients
-    and running statistics."""
+    and running statistics, and exit cleanly (the deprecated torch.distributed.nn all_reduce it
+    used before warned, and about one exit in six aborted in the interpreter's teardown)."""
     script = tmp_path / "sbn.py"
     script.write_text(f"""
 import os, sys, torch
@@ -98,13 +99,11 @@ err = max((y - y_ref[r * 4:(r + 1) * 4]).abs().max().item(), (xl.grad - xr.grad[
 open(os.path.join({str(tmp_path)!r}, f"err{{r}}.txt"), "w").write(str(err))
 torch.distributed.barrier()
 shutdown_distributed()
-# The results are written; skip the interpreter's teardown, where torch's threads occasionally abort
-# ("terminate called without an active exception", exit -6) after a backward through all_reduce.
-os._exit(0)
 """)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
     proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "deprecated" not in proc.stderr, proc.stderr[-3000:]
     errs = [float((tmp_path / f"err{r}.txt").read_text()) for r in range(2)]
     assert len(errs) == 2 and max(errs) < 1e-5, errs
 
