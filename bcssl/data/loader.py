@@ -178,6 +178,12 @@ class BatchLoader:
             )
 
     @property
+    def may_drop_images(self) -> bool:
+        """Whether a batch can come out smaller, even empty: files decoded per item can be
+        unreadable; in-memory tensors cannot."""
+        return not self.in_memory
+
+    @property
     def global_batch_size(self) -> int:
         return self.batch_size * self.world_size
 

@@ -245,7 +245,12 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
                    dynamic_ncols=True)
         t_log, n_log = time.perf_counter(), 0
         for images, _ in bar:
-            if images.shape[0] == 0:  # every image of this batch was unreadable (counted by the loader)
+            empty = images.shape[0] == 0  # every image of this batch was unreadable (counted by the loader)
+            if dist.enabled and loader.may_drop_images:
+                # A rank that skipped alone would leave the others waiting in the step's collectives
+                # (DDP, SyncBN, the DINO centre): all skip if any rank's batch is empty.
+                empty = ddp.any_process([empty], device)[0]
+            if empty:
                 step += 1
                 continue
             t0 = time.perf_counter()
@@ -338,8 +343,11 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
         log.warning("%s: checkpoint saved at step %d/%d; rerun the same command to resume",
                     stopped_by, step, total_steps)
         metrics.write("preempted", step, epoch=step / steps_per_epoch, signal=stopped_by)
-    if loader.skipped:
-        metrics.write("data", step, skipped_images=loader.skipped)
+    skipped = loader.skipped
+    if dist.enabled and loader.may_drop_images:  # each rank counted the files of its own slices
+        skipped = round(ddp.all_reduce_mean(torch.tensor(float(skipped), device=device)).item() * dist.world_size)
+    if skipped:
+        metrics.write("data", step, skipped_images=skipped)
     metrics.close()
     return TrainResult(run_dir=str(run_dir), epochs=epochs, images_seen=images_seen, train_s=train_s,
                        imgs_per_s=images_seen / max(train_s, 1e-9), knn_top1=knn_top1,

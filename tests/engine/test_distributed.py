@@ -124,7 +124,7 @@ def test_preemption_signal_saves_a_checkpoint_and_exits_zero(tmp_path, tiny_fmni
         time.sleep(0.01)
     assert proc.poll() is None, "the run ended before the signal"
     proc.send_signal(sig)
-    stdout, stderr = proc.communicate(timeout=60)
+    stdout, stderr = proc.communicate(timeout=180)
     assert proc.returncode == 0, stderr[-2000:]
     out = json.loads(stdout.strip().splitlines()[-1])
     assert out["preempted"] == sig.name
@@ -147,3 +147,35 @@ def test_nproc_relaunches_under_torchrun(tmp_path, tiny_fmnist, monkeypatch):
     i = len(cmd) - 1 - cmd[::-1].index("-m")  # `torchrun ... -m bcssl` (or python -m torch.distributed.run)
     assert cmd[i + 1:] == ["bcssl", "pretrain", "--config", "demo_fmnist", "train.epochs=1"]
     assert main(["pretrain", "--nproc", "0", "--config", "demo_fmnist"]) != 0
+
+
+def test_a_rank_whose_batch_is_all_unreadable_does_not_hang_the_others(tmp_path):
+    """Image folder, 2 processes x batch 2: both files of rank 1's second batch are corrupt. Every
+    rank skips that step together (a rank skipping alone would leave the other waiting in DDP's
+    all-reduce), the run finishes, and the skipped files of all ranks are counted."""
+    import numpy as np
+    from PIL import Image
+
+    from bcssl.data import BatchLoader, build_dataset
+
+    root = tmp_path / "imgs"
+    rng = np.random.default_rng(0)
+    for i in range(16):  # 4 steps of 2 x 2
+        path = root / f"c{i % 2}" / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(path)
+    ds = build_dataset("image_folder", root, load_size=16)
+    bad = BatchLoader(ds, 2, seed=0, rank=1, world_size=2).batch_indices(0)[1]
+    for i in bad.tolist():
+        open(ds.path(i), "wb").write(b"not an image")
+    cfg = tiny_config(tmp_path, root, "data.name=image_folder", "data.load_size=16", "train.epochs=1",
+                      "train.batch_size=2", "train.log_every_steps=1", "train.checkpoint_every_steps=0",
+                      "eval.final_knn=false", "eval.knn_every=0")
+    OmegaConf.save(cfg, tmp_path / "c.yaml")
+    proc = torchrun(2, ["pretrain", "--config", str(tmp_path / "c.yaml"), "--json"], timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    records = [json.loads(line) for line in open(os.path.join(out["run_dir"], "metrics.jsonl"))]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 3, 4]  # step 2 (index 1) skipped
+    assert [r["skipped_images"] for r in records if r["kind"] == "data"] == [2]
+    assert ckpt.load(os.path.join(out["run_dir"], "checkpoint.pt"))["step"] == 4
