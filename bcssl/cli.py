@@ -20,6 +20,7 @@ EPILOG = """examples:
   bcssl eval knn runs/demo
   bcssl eval linear runs/demo
   bcssl eval robustness runs/demo --limit 500
+  bcssl eval detection runs/imagenet_bcssl_t_300ep detection.root=/data/coco --nproc 8
   bcssl bench throughput --models bcssl_t,swin_t --batch 16
   bcssl viz cam runs/demo
   bcssl report runs/demo
@@ -77,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "per image and cell at 32 px, 75 cells)")
     e.add_argument("--corruptions", default=None, help="comma-separated subset of the 15 (default: all)")
     e.add_argument("--severities", default="1,2,3,4,5")
+    _add_common(e)
+    e = esub.add_parser("detection", help="Mask R-CNN + FPN fine-tuned from the run's backbone on COCO-format data "
+                        "(3x recipe, PAPER.md Table 4): box and mask AP; resumes")
+    e.add_argument("run")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="detection.root=/data/coco (train2017/, val2017/, annotations/), detection.epochs=12 ...")
+    e.add_argument("--nproc", type=int, default=None, help="processes on this machine (one per GPU), via torchrun; "
+                   "detection.batch_size is the total over them")
     _add_common(e)
 
     p = sub.add_parser("bench", help="benchmarks")
@@ -156,21 +165,31 @@ def _emit(args, result: dict, human: str) -> None:
         print(json.dumps(result), flush=True)
 
 
+def _relaunched(args) -> bool:
+    """``--nproc N`` (N > 1) outside torchrun: the command ran again under torchrun (True)."""
+    from bcssl.engine.distributed import env_world_size, relaunch_with_torchrun
+
+    if args.nproc is None or env_world_size() > 1:
+        return False
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
+    if args.nproc == 1:
+        return False
+    rc = relaunch_with_torchrun(args.nproc, _without_option(args.argv, "--nproc"))
+    if rc:
+        raise SystemExit(rc)
+    return True
+
+
 def cmd_pretrain(args) -> None:
     from bcssl.config import load_config
     from bcssl.engine.trainer import train
     from bcssl.eval.knn import knn_monitor
 
-    from bcssl.engine.distributed import env_rank, env_world_size, relaunch_with_torchrun
+    from bcssl.engine.distributed import env_rank
 
-    if args.nproc is not None and env_world_size() == 1:
-        if args.nproc < 1:
-            raise ValueError(f"--nproc must be >= 1, got {args.nproc}")
-        if args.nproc > 1:
-            rc = relaunch_with_torchrun(args.nproc, _without_option(args.argv, "--nproc"))
-            if rc:
-                raise SystemExit(rc)
-            return
+    if _relaunched(args):
+        return
     cfg = load_config(args.config, args.overrides)
     result = train(cfg, knn_eval=knn_monitor(cfg)).as_dict()
     if env_rank() != 0:
@@ -238,6 +257,19 @@ def cmd_eval_robustness(args) -> None:
     if r.get("mce") is not None:
         summary += f", mCE {r['mce']:.2f}"
     _emit(args, r, "\n".join(lines + [summary, f"written to {args.run}/robustness.json"]))
+
+
+def cmd_eval_detection(args) -> None:
+    from bcssl.engine.distributed import env_rank
+    from bcssl.eval.detection import detection_of_run
+
+    if _relaunched(args):
+        return
+    r = detection_of_run(args.run, args.overrides)
+    if env_rank() != 0:
+        return  # rank 0 evaluates and reports
+    _emit(args, r, f"Mask R-CNN ({r['epochs']} epochs, {r['train_images']} images): box AP {r['box_AP']:.1f}, "
+                   f"mask AP {r['mask_AP']:.1f} on {r['val_images']} images; written to {args.run}/detection.json")
 
 
 def cmd_bench_throughput(args) -> None:
@@ -343,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                "viz": {"cam": cmd_viz_cam}.get(getattr(args, "viz_command", None)),
                "bench": {"throughput": cmd_bench_throughput}.get(getattr(args, "bench_command", None)),
                "eval": {"knn": cmd_eval_knn, "linear": cmd_eval_linear,
-                        "robustness": cmd_eval_robustness}.get(getattr(args, "eval_command", None))}[args.command]
+                        "robustness": cmd_eval_robustness, "detection": cmd_eval_detection}.get(getattr(args, "eval_command", None))}[args.command]
     try:
         handler(args)
     except KeyboardInterrupt:

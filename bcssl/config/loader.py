@@ -130,6 +130,10 @@ def _validate(cfg: DictConfig) -> None:
     need(len(cfg.crops.blur_p) == 3 and len(cfg.crops.solarize_p) == 3,
          "crops.blur_p and crops.solarize_p need 3 values: global1, global2, locals")
     need(cfg.data.limit is None or cfg.data.limit > 0, "data.limit must be a positive number of images")
+    dm = cfg.detection.min_size
+    need(len(dm) == 2 and 0 < dm[0] <= dm[1], f"detection.min_size must be [low, high] shorter sides, got {list(dm)}")
+    need(cfg.detection.batch_size >= 1 and cfg.detection.epochs >= 1,
+         "detection.batch_size and detection.epochs must be >= 1")
     need(cfg.eval.encoder in ("auto", "student", "teacher"),
          f"eval.encoder must be auto, student or teacher, got '{cfg.eval.encoder}'")
 

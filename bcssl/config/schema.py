@@ -148,6 +148,30 @@ class LinearConfig:
 
 
 @dataclass
+class DetectionConfig:
+    """Mask R-CNN + FPN transfer (bcssl/eval/detection.py): the 3x recipe of Swin / ConvNeXt's
+    mmdetection configs (PAPER.md Table 4)."""
+    root: Optional[str] = None  # COCO layout: train2017/, val2017/, annotations/instances_*2017.json
+    train_images: Optional[str] = None  # each of these four overrides its place under root
+    train_annotations: Optional[str] = None
+    val_images: Optional[str] = None
+    val_annotations: Optional[str] = None
+    epochs: int = 36
+    lr_steps: List[int] = field(default_factory=lambda: [27, 33])  # lr x0.1 after these epochs
+    lr: float = 1.0e-4  # AdamW
+    weight_decay: float = 0.05
+    batch_size: int = 16  # images per step, all processes together
+    warmup_iters: int = 500  # linear warm-up from warmup_ratio x lr
+    warmup_ratio: float = 0.001
+    min_size: List[int] = field(default_factory=lambda: [480, 800])  # training shorter side range (step 32)
+    max_size: int = 1333
+    test_size: int = 800
+    drop_path_rate: float = 0.2
+    workers: int = 4
+    checkpoint_every_steps: int = 1000  # plus one at every epoch end
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = True
 
@@ -165,4 +189,5 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
     log: LogConfig = field(default_factory=LogConfig)
