@@ -167,6 +167,9 @@ class DetectionConfig:
     max_size: int = 1333
     test_size: int = 800
     drop_path_rate: float = 0.2
+    rpn_post_nms_top_n_train: int = 1000  # proposals kept per image in training (mmdetection's Mask R-CNN)
+    box_batch_size_per_image: int = 512  # RoIs sampled per image for the box / mask heads
+    detections_per_img: int = 100  # kept per image at test time
     workers: int = 4
     checkpoint_every_steps: int = 1000  # plus one at every epoch end
 

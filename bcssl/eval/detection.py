@@ -105,15 +105,18 @@ def set_drop_path(backbone: nn.Module, rate: float) -> None:
 
 def build_mask_rcnn(backbone: nn.Module, num_classes: int, *, min_size: Sequence[int] | int = 800,
                     max_size: int = 1333, test_size: int = 800, mean=(0.485, 0.456, 0.406),
-                    std=(0.229, 0.224, 0.225)) -> nn.Module:
+                    std=(0.229, 0.224, 0.225), rpn_post_nms_top_n_train: int = 1000,
+                    box_batch_size_per_image: int = 512, detections_per_img: int = 100) -> nn.Module:
     """torchvision's Mask R-CNN on ``backbone`` + FPN. ``min_size``: the training shorter sides
-    (one is drawn per batch); evaluation resizes to ``test_size``. Inputs: float images in [0, 1]."""
+    (one is drawn per batch); evaluation resizes to ``test_size``. Inputs: float images in [0, 1].
+    ``rpn_post_nms_top_n_train``: 1000 proposals per image, as mmdetection's Mask R-CNN
+    (torchvision's default is 2000)."""
     from torchvision.models.detection import MaskRCNN
 
-    # 1000 proposals per image after NMS in training, as mmdetection's Mask R-CNN (torchvision: 2000)
     model = MaskRCNN(BackboneFPN(backbone), num_classes=num_classes, min_size=tuple(min_size) if
                      isinstance(min_size, (list, tuple)) else (int(min_size),), max_size=max_size,
-                     image_mean=list(mean), image_std=list(std), rpn_post_nms_top_n_train=1000)
+                     image_mean=list(mean), image_std=list(std), rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
+                     box_batch_size_per_image=box_batch_size_per_image, box_detections_per_img=detections_per_img)
     model.train_min_size, model.test_min_size = model.transform.min_size, (int(test_size),)
     return model
 
@@ -350,7 +353,9 @@ def detection_of_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), 
     torch.manual_seed(cfg.seed)  # the new layers' initialisation
     model = build_mask_rcnn(backbone, num_classes, min_size=list(range(d.min_size[0], d.min_size[1] + 1, 32)),
                             max_size=d.max_size, test_size=d.test_size, mean=tuple(cfg.crops.mean),
-                            std=tuple(cfg.crops.std)).to(device)
+                            std=tuple(cfg.crops.std), rpn_post_nms_top_n_train=d.rpn_post_nms_top_n_train,
+                            box_batch_size_per_image=d.box_batch_size_per_image,
+                            detections_per_img=d.detections_per_img).to(device)
     optimizer = torch.optim.AdamW(param_groups(model), lr=d.lr, weight_decay=d.weight_decay)
     steps_per_epoch = len(train_set) // d.batch_size
     total = steps_per_epoch * d.epochs
