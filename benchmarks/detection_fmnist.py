@@ -4,7 +4,7 @@ script writes: 1-3 Fashion-MNIST items per 96 px canvas, category = clothing cla
 item's pixels). It is Table 4's experiment in miniature: same detector, recipe and data for both
 backbones, only the initialisation differs; the gap is what the pre-training transfers.
 
-    python benchmarks/detection_fmnist.py --run runs/demo            # ~15 min on 2 CPU cores
+    python benchmarks/detection_fmnist.py --run runs/demo            # ~30 min on 2 CPU cores
     python benchmarks/detection_fmnist.py --run runs/demo --epochs 1 --train-canvases 200   # smoke
 
 Writes <out>/results.json and <out>/results.md; the run directory itself is not modified (its
@@ -96,10 +96,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", default="runs/demo", help="pre-trained run directory")
     ap.add_argument("--out", default="runs/detection_fmnist")
-    ap.add_argument("--train-canvases", type=int, default=400)
+    ap.add_argument("--train-canvases", type=int, default=600)
     ap.add_argument("--val-canvases", type=int, default=300)
     ap.add_argument("--size", type=int, default=96)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--seed", type=int, default=0)

@@ -132,6 +132,8 @@ def _validate(cfg: DictConfig) -> None:
     need(cfg.data.limit is None or cfg.data.limit > 0, "data.limit must be a positive number of images")
     dm = cfg.detection.min_size
     need(len(dm) == 2 and 0 < dm[0] <= dm[1], f"detection.min_size must be [low, high] shorter sides, got {list(dm)}")
+    need(cfg.detection.amp in ("none", "bf16", "fp16"),
+         f"detection.amp must be none, bf16 or fp16, got '{cfg.detection.amp}'")
     need(cfg.detection.batch_size >= 1 and cfg.detection.epochs >= 1,
          "detection.batch_size and detection.epochs must be >= 1")
     need(cfg.eval.encoder in ("auto", "student", "teacher"),

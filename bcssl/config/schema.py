@@ -170,6 +170,7 @@ class DetectionConfig:
     rpn_post_nms_top_n_train: int = 1000  # proposals kept per image in training (mmdetection's Mask R-CNN)
     box_batch_size_per_image: int = 512  # RoIs sampled per image for the box / mask heads
     detections_per_img: int = 100  # kept per image at test time
+    amp: str = "none"  # none | bf16 | fp16 (CUDA, with a grad scaler; the mmdetection configs train in fp16)
     workers: int = 4
     checkpoint_every_steps: int = 1000  # plus one at every epoch end
 

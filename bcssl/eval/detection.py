@@ -322,7 +322,7 @@ def detection_of_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), 
     from bcssl.engine import checkpoint as ckpt
     from bcssl.engine import distributed as ddp
     from bcssl.engine.run_dir import write_json
-    from bcssl.engine.trainer import param_groups, resolve_device, step_seed
+    from bcssl.engine.trainer import TrainingError, param_groups, resolve_device, step_seed
     from bcssl.eval.features import load_run
     from bcssl.models import fold_bn
 
@@ -357,6 +357,11 @@ def detection_of_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), 
                             box_batch_size_per_image=d.box_batch_size_per_image,
                             detections_per_img=d.detections_per_img).to(device)
     optimizer = torch.optim.AdamW(param_groups(model), lr=d.lr, weight_decay=d.weight_decay)
+    if d.amp == "fp16" and device.type != "cuda":
+        raise TrainingError("detection.amp=fp16 needs a CUDA device; use bf16 or none on the CPU")
+    scaler = torch.amp.GradScaler(device.type, enabled=d.amp == "fp16")
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if d.amp == "bf16" else torch.float16)
+                if d.amp != "none" else contextlib.nullcontext())
     steps_per_epoch = len(train_set) // d.batch_size
     total = steps_per_epoch * d.epochs
 
@@ -370,6 +375,7 @@ def detection_of_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), 
                              "to start over")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state.get("scaler", {}))
         start = int(state["step"])
         log.info("detection: resuming at step %d/%d", start, total)
     net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -378,7 +384,8 @@ def detection_of_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), 
     def save(step: int) -> None:
         if dist.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-            ckpt.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            ckpt.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                       "scaler": scaler.state_dict(), "step": step,
                        "num_classes": num_classes, "checkpoint_sha256": loaded.checkpoint_sha256}, ck_path)
 
     epoch_losses = []  # mean loss of each epoch trained in this call (rank 0's images)
@@ -402,15 +409,17 @@ def detection_of_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), 
             torch.manual_seed(step_seed(cfg.seed, step))  # the size drawn, the RPN / RoI samplers, drop path
             images = [im.to(device, non_blocking=True) for im in images]
             targets = [{k: (v.to(device) if torch.is_tensor(v) else v) for k, v in t.items()} for t in targets]
-            loss_dict = net(images, targets)
+            with autocast:
+                loss_dict = net(images, targets)
             loss = sum(loss_dict.values())
-            if not math.isfinite(loss.item()):
-                save(step)
-                raise RuntimeError(f"detection: non-finite loss at step {step} ({ {k: v.item() for k, v in loss_dict.items()} }); "
-                                   "lower detection.lr")
+            if ddp.any_process([not math.isfinite(loss.item())], device)[0]:
+                parts = ", ".join(f"{k} {v.item():.3g}" for k, v in loss_dict.items())
+                raise TrainingError(f"detection: non-finite loss at step {step} ({parts}); lower detection.lr or "
+                                    "use detection.amp=none (the last checkpoint is kept)")
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
             step += 1
             losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{lr:.1e}", refresh=False)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -182,3 +183,17 @@ def test_two_processes_fine_tune_and_rank_0_reports(tmp_path, tiny_fmnist, coco)
     r = json.loads(out.stdout.strip().splitlines()[-1])
     assert r["steps"] == 2 and len(r["epoch_losses"]) == 1 and "box_AP" in r
     assert ckpt.load(Path(run) / "detection" / "checkpoint.pt")["step"] == 2
+
+
+def test_bf16_autocast_fine_tunes_and_bad_amp_is_refused(tmp_path, tiny_fmnist, coco):
+    cfg = tiny_config(tmp_path, tiny_fmnist, "train.epochs=1", "eval.final_knn=false")
+    run = train(cfg).run_dir
+    r = detection_of_run(run, [f"detection.root={coco}", *DET, "detection.epochs=1", "detection.amp=bf16"],
+                         progress=False)
+    assert len(r["epoch_losses"]) == 1 and math.isfinite(r["epoch_losses"][0])
+    from bcssl.engine.trainer import TrainingError
+    with pytest.raises(TrainingError, match="fp16 needs a CUDA device"):
+        detection_of_run(run, [f"detection.root={coco}", *DET, "detection.amp=fp16"], progress=False)
+    from bcssl.config import ConfigError
+    with pytest.raises(ConfigError, match="detection.amp must be"):
+        load_config(None, ["detection.amp=fp8"])
