@@ -81,7 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(e)
     e = esub.add_parser("detection", help="Mask R-CNN + FPN fine-tuned from the run's backbone on COCO-format data "
                         "(3x recipe, PAPER.md Table 4): box and mask AP; resumes")
-    e.add_argument("run")
+    e.add_argument("run", help="run directory; fine-tuning checkpoints go to RUN/detection/, results to "
+                   "RUN/detection.json")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="detection.root=/data/coco (train2017/, val2017/, annotations/), detection.epochs=12 ...")
     e.add_argument("--nproc", type=int, default=None, help="processes on this machine (one per GPU), via torchrun; "

@@ -247,7 +247,8 @@ def coco_results(outputs: Sequence[dict], image_ids: Sequence[int], mask_thresho
 
 
 def coco_ap(coco_gt, results: list, iou_type: str, image_ids: Sequence[int]) -> dict:
-    """COCOeval's AP, AP50, AP75, APs/m/l (in %) of ``results`` on ``image_ids``; 0 without results."""
+    """COCOeval's AP, AP50, AP75, APs/m/l (in %) of ``results`` on ``image_ids``; 0 without results,
+    None for a size range without ground truth."""
     from pycocotools.cocoeval import COCOeval
 
     if not results:
@@ -259,8 +260,8 @@ def coco_ap(coco_gt, results: list, iou_type: str, image_ids: Sequence[int]) -> 
         ev.evaluate()
         ev.accumulate()
         ev.summarize()
-    # -1 means "no ground truth in this size range": report it as NaN rather than a score
-    return {name: (100.0 * float(v) if v >= 0 else float("nan")) for name, v in zip(AP_NAMES, ev.stats[:6])}
+    # -1 means "no ground truth in this size range": None (null in the JSON), not a score
+    return {name: (100.0 * float(v) if v >= 0 else None) for name, v in zip(AP_NAMES, ev.stats[:6])}
 
 
 @torch.no_grad()

@@ -113,7 +113,9 @@ def test_ap_of_the_ground_truth_is_100_and_drops_for_shifted_boxes(coco):
                         "masks": t["masks"][:, None].float()})
         ids.append(t["image_id"])
     boxes, segms = coco_results(outputs, ids)
-    assert coco_ap(data.coco, boxes, "bbox", ids)["AP"] == pytest.approx(100.0)
+    box = coco_ap(data.coco, boxes, "bbox", ids)
+    assert box["AP"] == pytest.approx(100.0) and box["APs"] == pytest.approx(100.0)
+    assert box["APl"] is None  # no object over 96^2 px: no score (null in detection.json), not NaN
     assert coco_ap(data.coco, segms, "segm", ids)["AP"] == pytest.approx(100.0)
     shifted = [{**o, "boxes": o["boxes"] + 6} for o in outputs]
     assert coco_ap(data.coco, coco_results(shifted, ids)[0], "bbox", ids)["AP"] < 60
