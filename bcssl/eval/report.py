@@ -2,7 +2,7 @@
 
 Everything is read from what the run directory already holds (no model is loaded, nothing is
 evaluated here): ``config.yaml``, ``metrics.jsonl`` and, where present, ``knn.json``,
-``linear.json``, ``robustness.json``, ``throughput.json``, ``demo.json``, ``cam.png`` /
+``linear.json``, ``robustness.json``, ``detection.json``, ``throughput.json``, ``demo.json``, ``cam.png`` /
 ``cam.json``. A missing piece is skipped, so a run that has logged only a few training steps
 still gets a report. Figures are drawn with matplotlib's Agg canvas (no display, no pyplot
 global state):
@@ -55,6 +55,7 @@ class RunData:
     demo: dict | None = None
     cam_png: Path | None = None
     cam: dict | None = None
+    detection: dict | None = None
     notes: list = field(default_factory=list)  # things that could not be read, odd records
     label: str = ""  # legend label, set by :func:`load_runs` (unique across the report)
 
@@ -142,7 +143,7 @@ def load_run(run_dir: str | os.PathLike) -> RunData:
     run.name = str(run.cfg("run.name") or path.resolve().name)
     run.metrics = _read_metrics(path / "metrics.jsonl", notes)
     for attr, fname in (("knn", "knn.json"), ("linear", "linear.json"), ("robustness", "robustness.json"),
-                        ("demo", "demo.json"), ("cam", "cam.json")):
+                        ("demo", "demo.json"), ("cam", "cam.json"), ("detection", "detection.json")):
         value = _read_json(path / fname, notes)
         if value is not None and not isinstance(value, dict):
             notes.append(f"`{fname}` is not a JSON object; skipped")
@@ -481,7 +482,7 @@ def results_rows(runs: Sequence[RunData]) -> tuple[list[str], list[list[str]]]:
     for b in corr_bench:
         header += [f"{b} mean err", f"{b} mCE"]
     header += [f"{b} top-1" for b in folder_bench]
-    header += ["k-NN raw pixels", "k-NN random init", "images seen", "img/s (train)"]
+    header += ["box AP", "mask AP", "k-NN raw pixels", "k-NN random init", "images seen", "img/s (train)"]
     rows = []
     for r in runs:
         knn1, knn5, _ = _final_knn(r)
@@ -500,6 +501,8 @@ def results_rows(runs: Sequence[RunData]) -> tuple[list[str], list[list[str]]]:
         for b in corr_bench:
             row += [_f(s.get(b, {}).get("error")), _f(s.get(b, {}).get("ce"))]
         row += [_f(s.get(b, {}).get("top1")) for b in folder_bench]
+        det = r.detection or {}
+        row += [_f(det.get("box_AP")), _f(det.get("mask_AP"))]
         d = r.demo or {}
         row += [_f(d.get("baseline_pixels_knn_top1")), _f(d.get("baseline_random_knn_top1")),
                 _int(d.get("images_seen")), _f(_imgs_per_s(r), 1)]

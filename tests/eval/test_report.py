@@ -51,6 +51,7 @@ def make_run(root, name, *, kernel=9, epochs=2, knn=True, extras=True, demo=Fals
             {"model": "bcssl_atto", "kernel_size": kernel, "params_m": 3.7, "gmacs": 0.55, "img_per_s": 1234.5}]}))
         Image.new("RGB", (64, 32), (200, 30, 30)).save(run / "cam.png")
         (run / "cam.json").write_text(json.dumps({"layer": "stages.3", "n_images": 8}))
+        (run / "detection.json").write_text(json.dumps({"box_AP": 46.31, "mask_AP": 41.29, "box_APl": None}))
     if demo:
         (run / "demo.json").write_text(json.dumps({
             "knn_top1": 72.5, "knn_top5": 98.0, "baseline_pixels_knn_top1": 61.11,
@@ -77,7 +78,8 @@ def test_single_run_report_has_every_number_and_figure(tmp_path):
                    "45.00", "49.95", "12.34",  # robustness: mean error, mCE, ImageNet-A top-1
                    "55.50", "44.40", "70.00",  # per-corruption CE, gaussian_noise severity 5 error
                    "61.11", "55.55", "120,000", "345.6",  # demo baselines, images seen, img/s
-                   "1234.5", "0.55"):  # throughput
+                   "1234.5", "0.55",  # throughput
+                   "46.31", "41.29"):  # detection.json
         assert number in md, number
     assert "k-NN from `knn.json` (k=20)" in md  # knn.json wins over demo.json and the monitor
     assert "bcssl_atto" in md and "bn+ln" in md and "dino" in md and "0.0005" in md and "| 64 |" in md
