@@ -12,8 +12,10 @@ from .datasets import (
     ImageFolderDataset,
     InMemoryImages,
     build_dataset,
+    dataset_from_config,
     load_fashion_mnist,
     load_torchvision,
+    train_and_eval_sets,
 )
 from .loader import BatchLoader, epoch_order, steps_per_epoch
 
@@ -26,8 +28,10 @@ __all__ = [
     "ImageFolderDataset",
     "InMemoryImages",
     "build_dataset",
+    "dataset_from_config",
     "load_fashion_mnist",
     "load_torchvision",
+    "train_and_eval_sets",
     "BatchLoader",
     "epoch_order",
     "steps_per_epoch",

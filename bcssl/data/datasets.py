@@ -583,3 +583,15 @@ def build_dataset(
     if key in _TV_SPLITS:
         return load_torchvision(key, root, split=split, download=download)
     raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+
+
+def dataset_from_config(data_cfg, split: str) -> Dataset:
+    """``split`` of a run's ``data.*`` dataset, decoded on the CPU (what the evaluations read)."""
+    return build_dataset(data_cfg.name, root=data_cfg.root, split=split, download=data_cfg.download,
+                         load_size=data_cfg.load_size)
+
+
+def train_and_eval_sets(data_cfg) -> dict[str, Dataset]:
+    """``{data.split: ..., data.eval_split: ...}`` (one entry when they are the same split)."""
+    return {split: dataset_from_config(data_cfg, split) for split in dict.fromkeys((data_cfg.split,
+                                                                                  data_cfg.eval_split))}

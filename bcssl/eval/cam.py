@@ -450,11 +450,11 @@ def cam_for_runs(run_dirs: Sequence[Union[str, os.PathLike]], images, *, methods
 def default_images(run_dir: Union[str, os.PathLike], n: int = 8) -> torch.Tensor:
     """uint8 images: the first eval-split image of each of the first ``n`` classes of a run's data
     (the default CAM images of ``bcssl viz cam`` and the sweep's CAM grid)."""
-    from bcssl.data import build_dataset
+    from bcssl.data import dataset_from_config
     from bcssl.engine.run_dir import load_run_config
 
     d = load_run_config(run_dir).data
-    ds = build_dataset(d.name, root=d.root, split=d.eval_split, download=d.download, load_size=d.load_size)
+    ds = dataset_from_config(d, d.eval_split)
     picked: dict[int, torch.Tensor] = {}
     for i in range(len(ds)):
         item = ds[i]

@@ -237,13 +237,12 @@ def run_features(loaded: LoadedRun, split: str, limit: int | None = None, *, dev
     the evaluation preprocessing at the run's global crop size. Cached under ``<run>/cache`` per
     checkpoint, so k-NN and the linear probe of one checkpoint extract each split once.
     ``dataset``: the already built split, to avoid loading it again."""
-    from bcssl.data import BatchLoader, build_dataset
+    from bcssl.data import BatchLoader, dataset_from_config
 
     cfg = loaded.cfg
     d, c = cfg.data, cfg.crops
     device = torch.device(device)
-    ds = dataset if dataset is not None else build_dataset(d.name, root=d.root, split=split, download=d.download,
-                                                           load_size=d.load_size)
+    ds = dataset if dataset is not None else dataset_from_config(d, split)
     loader = BatchLoader(ds, cfg.eval.batch_size, shuffle=False, drop_last=False, workers=d.workers,
                          pin_memory=device.type == "cuda", limit=limit)
     kw = dict(size=c.global_size, mean=tuple(c.mean), std=tuple(c.std), device=device, amp=cfg.train.amp,

@@ -54,13 +54,12 @@ class KNNEvaluator:
     """
 
     def __init__(self, cfg, device="cpu", progress: bool = True, train_limit=None, test_limit=None):
-        from bcssl.data import BatchLoader, build_dataset  # late: keep `import bcssl.eval.knn` light
+        from bcssl.data import BatchLoader, dataset_from_config  # late: keep `import bcssl.eval.knn` light
 
         self.cfg, self.device, self.progress = cfg, torch.device(device), progress
         d = cfg.data
-        self.train_set = build_dataset(d.name, root=d.root, split=d.split, download=d.download, load_size=d.load_size)
-        self.test_set = build_dataset(d.name, root=d.root, split=d.eval_split, download=d.download,
-                                      load_size=d.load_size)
+        self.train_set = dataset_from_config(d, d.split)
+        self.test_set = dataset_from_config(d, d.eval_split)
         bs = cfg.eval.batch_size
         kw = dict(shuffle=False, drop_last=False, workers=d.workers, pin_memory=self.device.type == "cuda")
         self.train_loader = BatchLoader(self.train_set, bs, limit=train_limit, **kw)
@@ -86,7 +85,7 @@ def knn_of_run(run_dir, overrides=(), *, device=None, progress: bool = True) -> 
     cached per checkpoint (shared with the linear probe). Writes ``<run>/knn.json`` and returns it."""
     from pathlib import Path
 
-    from bcssl.data import build_dataset
+    from bcssl.data import train_and_eval_sets
     from bcssl.engine.run_dir import write_json
     from bcssl.engine.trainer import resolve_device
     from bcssl.eval.features import load_run, run_features
@@ -94,8 +93,7 @@ def knn_of_run(run_dir, overrides=(), *, device=None, progress: bool = True) -> 
     loaded = load_run(run_dir, overrides)
     cfg, d = loaded.cfg, loaded.cfg.data
     device = resolve_device(str(device) if device is not None else cfg.device)
-    sets = {split: build_dataset(d.name, root=d.root, split=split, download=d.download, load_size=d.load_size)
-            for split in dict.fromkeys((d.split, d.eval_split))}
+    sets = train_and_eval_sets(d)
     # the dataset's class count, not the largest label seen: a class missing from the data
     # would otherwise shrink the vote vector (as the k-NN monitor and the linear probe count)
     num_classes = int(sets[d.split].num_classes)

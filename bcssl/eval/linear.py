@@ -369,7 +369,7 @@ def linear_probe(run_dir: str | os.PathLike, overrides: Sequence[str] = (), devi
     dotlist ``overrides`` apply on top of the run's saved config). Writes ``linear.safetensors``,
     ``linear.json`` and a ``{"kind": "linear"}`` record in ``metrics.jsonl``; returns the
     ``linear.json`` dict (with ``run_dir``)."""
-    from bcssl.data import BatchLoader, build_dataset
+    from bcssl.data import BatchLoader, train_and_eval_sets
     from bcssl.engine.trainer import resolve_device
 
     t_start = time.perf_counter()
@@ -383,8 +383,7 @@ def linear_probe(run_dir: str | os.PathLike, overrides: Sequence[str] = (), devi
     device = resolve_device(str(device) if device is not None else cfg.device)
     backbone = loaded.backbone.to(device).requires_grad_(False)
 
-    sets = {split: build_dataset(d.name, root=d.root, split=split, download=d.download, load_size=d.load_size)
-            for split in dict.fromkeys((d.split, d.eval_split))}
+    sets = train_and_eval_sets(d)
     train_set = sets[d.split]
     num_classes = int(train_set.num_classes)
     pin = device.type == "cuda"

@@ -576,7 +576,7 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), *, f
     """
     import json
 
-    from bcssl.data import build_dataset
+    from bcssl.data import dataset_from_config
     from bcssl.engine.trainer import resolve_device
     from bcssl.eval.features import load_run_backbone
     from bcssl.eval.linear import load_linear_classifier
@@ -594,7 +594,7 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), *, f
         name = kind
     else:
         d = cfg.data
-        data = build_dataset(d.name, root=d.root, split=d.eval_split, download=d.download, load_size=d.load_size)
+        data = dataset_from_config(d, d.eval_split)
         if not hasattr(data, "images"):
             raise ValueError(f"on-the-fly corruptions need an in-memory dataset (data.name={d.name}); for "
                              "ImageNet pass the released ImageNet-C folder: --folder DIR --kind imagenet_c")
