@@ -43,7 +43,8 @@ from pil_multicrop import DataAugmentationDINO  # noqa: E402
 
 from bcssl.config import load_config  # noqa: E402
 from bcssl.data import BatchLoader, build_dataset  # noqa: E402
-from bcssl.engine.trainer import build_method, multicrop_from_config, param_groups, step_seed  # noqa: E402
+from bcssl.engine.trainer import (build_method, compile_student, multicrop_from_config, param_groups,  # noqa: E402
+                                  step_seed)
 
 
 class PILDataset(torch.utils.data.Dataset):
@@ -115,13 +116,6 @@ def parse_options(text: str, device: torch.device) -> tuple[list[tuple[str, set]
             continue
         rows.append((item, flags))
     return rows, notes
-
-
-def compile_student(method, backend: str) -> None:
-    """As the trainer's train.compile: in place, one graph per crop size."""
-    parts = [getattr(method.student, k, None) for k in ("backbone", "head")]
-    for part in [p for p in parts if p is not None] or [method.student]:
-        part.compile(backend=backend, dynamic=False)
 
 
 def timed(fn, it, steps: int, batch_size: int, step0: int) -> float:

@@ -116,6 +116,15 @@ class TrainResult:
         return dict(self.__dict__)
 
 
+def compile_student(method: SSLMethod, backend: str) -> None:
+    """``train.compile``: the student's backbone and head (or the whole student) compiled in place
+    (``nn.Module.compile``), so state_dict keys and checkpoints are unchanged; one graph per crop
+    size."""
+    parts = [getattr(method.student, k, None) for k in ("backbone", "head")]
+    for part in [p for p in parts if p is not None] or [method.student]:
+        part.compile(backend=backend, dynamic=False)
+
+
 def build_method(cfg: DictConfig) -> SSLMethod:
     return create_method(cfg.method.name, cfg.model, cfg.method)
 
@@ -180,10 +189,8 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
         method = ddp.convert_sync_batchnorm(method, device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     method.to(device=device, memory_format=memory_format)
-    if cfg.train.compile:  # in place (nn.Module.compile): state_dict keys and checkpoints unchanged
-        parts = [getattr(method.student, k, None) for k in ("backbone", "head")]
-        for part in [p for p in parts if p is not None] or [method.student]:
-            part.compile(backend=cfg.train.compile_backend, dynamic=False)  # one graph per crop size
+    if cfg.train.compile:
+        compile_student(method, cfg.train.compile_backend)
     multicrop = multicrop_from_config(cfg.crops)
     try:
         optimizer = build_optimizer(cfg.train.optimizer, param_groups(method.student), lr=base_lr,
