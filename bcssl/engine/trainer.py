@@ -151,9 +151,8 @@ def train(cfg: DictConfig, *, knn_eval=None) -> TrainResult:
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    dist, device = ddp.init_distributed(cfg.device)
-    if not dist.enabled:
-        device = resolve_device(cfg.device)
+    # resolve first: a clear error when CUDA is asked for but missing, in one process or many
+    dist, device = ddp.init_distributed(str(resolve_device(cfg.device)))
     try:
         with PreemptionFlag() as preempt:
             return _train(cfg, knn_eval, dist, device, preempt)

@@ -333,10 +333,7 @@ def detection_of_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), 
     cfg = loaded.cfg
     d = cfg.detection
     paths = _paths(d)
-    device_name = str(device) if device is not None else cfg.device
-    dist, device = ddp.init_distributed(device_name)
-    if not dist.enabled:
-        device = resolve_device(device_name)  # a clear error when CUDA is asked for but missing
+    dist, device = ddp.init_distributed(str(resolve_device(str(device) if device is not None else cfg.device)))
     if d.batch_size % dist.world_size:
         raise ValueError(f"detection.batch_size {d.batch_size} (images per step, all processes) must be a multiple "
                          f"of the {dist.world_size} processes")
