@@ -75,13 +75,20 @@ def shutdown_distributed() -> None:
         dist.destroy_process_group()
 
 
-def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
-    """Mean of ``value`` over the processes (itself in a single process)."""
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    """Sum of ``value`` over the processes (itself in a single process); no gradient."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         return value
     value = value.detach().clone()
     dist.all_reduce(value)
-    return value / dist.get_world_size()
+    return value
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of ``value`` over the processes (itself in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    return all_reduce_sum(value) / dist.get_world_size()
 
 
 def any_process(flags: list[bool], device: torch.device) -> list[bool]:
@@ -192,5 +199,5 @@ def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
-__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_mean", "any_process", "barrier",
+__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_sum", "all_reduce_mean", "any_process", "barrier",
            "CPUSyncBatchNorm", "all_reduce_sum_with_grad", "convert_sync_batchnorm", "relaunch_with_torchrun", "env_world_size", "env_rank"]

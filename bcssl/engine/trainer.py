@@ -351,7 +351,7 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
         metrics.write("preempted", step, epoch=step / steps_per_epoch, signal=stopped_by)
     skipped = loader.skipped
     if dist.enabled and loader.may_drop_images:  # each rank counted the files of its own slices
-        skipped = round(ddp.all_reduce_mean(torch.tensor(float(skipped), device=device)).item() * dist.world_size)
+        skipped = int(ddp.all_reduce_sum(torch.tensor(skipped, device=device)).item())
     if skipped:
         metrics.write("data", step, skipped_images=skipped)
     metrics.close()
