@@ -25,14 +25,11 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bcssl.data import build_dataset  # noqa: E402
+from bcssl.data import FASHION_MNIST_CLASSES, build_dataset  # noqa: E402
 from bcssl.engine import checkpoint as ckpt  # noqa: E402
 from bcssl.engine.run_dir import load_run_config  # noqa: E402
 from bcssl.engine.trainer import build_method  # noqa: E402
 from bcssl.eval.detection import detection_of_run  # noqa: E402
-
-CLASSES = ["t-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
-
 
 def write_canvases(root: Path, split: str, n: int, images: torch.Tensor, labels: torch.Tensor, size: int,
                    seed: int) -> None:
@@ -69,7 +66,7 @@ def write_canvases(root: Path, split: str, n: int, images: torch.Tensor, labels:
         Image.fromarray(canvas).convert("RGB").save(folder / f"{i:06d}.png")
         records.append({"id": i + 1, "file_name": f"{i:06d}.png", "width": size, "height": size})
     (root / "annotations").mkdir(exist_ok=True)
-    cats = [{"id": j + 1, "name": name} for j, name in enumerate(CLASSES)]
+    cats = [{"id": j + 1, "name": name} for j, name in enumerate(FASHION_MNIST_CLASSES)]
     (root / "annotations" / f"instances_{split}2017.json").write_text(
         json.dumps({"images": records, "annotations": anns, "categories": cats}))
 
