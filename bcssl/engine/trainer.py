@@ -252,10 +252,14 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
         t_log, n_log = time.perf_counter(), 0
         for images, _ in bar:
             empty = images.shape[0] == 0  # every image of this batch was unreadable (counted by the loader)
+            global_batch = images.shape[0] * dist.world_size
             if dist.enabled and loader.may_drop_images:
                 # A rank that skipped alone would leave the others waiting in the step's collectives
-                # (DDP, SyncBN, the DINO centre): all skip if any rank's batch is empty.
-                empty = ddp.any_process([empty], device)[0]
+                # (DDP, SyncBN, the DINO centre): all skip if any rank's batch is empty. Dropped
+                # images make the ranks' batches differ, so the global batch is summed, not multiplied.
+                global_batch, n_empty = ddp.all_reduce_sum(
+                    torch.tensor([images.shape[0], int(empty)], device=device)).tolist()
+                empty = n_empty > 0
             if empty:
                 step += 1
                 continue
@@ -305,8 +309,8 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
             method.after_step(step)
 
             step += 1
-            images_seen += images.shape[0] * dist.world_size
-            n_log += images.shape[0] * dist.world_size
+            images_seen += global_batch
+            n_log += global_batch
             train_s += time.perf_counter() - t0
             if step % cfg.train.log_every_steps == 0 or step % steps_per_epoch == 0:
                 dt = time.perf_counter() - t_log

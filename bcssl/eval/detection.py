@@ -386,7 +386,7 @@ def detection_of_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), 
                        "scaler": scaler.state_dict(), "step": step,
                        "num_classes": num_classes, "checkpoint_sha256": loaded.checkpoint_sha256}, ck_path)
 
-    epoch_losses = []  # mean loss of each epoch trained in this call (rank 0's images)
+    epoch_losses = []  # mean loss of each epoch trained in this call, over all ranks
     step = start
     for epoch in range(start // steps_per_epoch, d.epochs):
         first = step - epoch * steps_per_epoch
@@ -426,8 +426,8 @@ def detection_of_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), 
         bar.close()
         save(step)
         ddp.barrier()
-        if losses:
-            epoch_losses.append(sum(losses) / len(losses))
+        if losses:  # every rank trained the same number of steps: the mean of the ranks' means
+            epoch_losses.append(ddp.all_reduce_mean(torch.tensor(sum(losses) / len(losses), device=device)).item())
             log.info("detection epoch %d: mean loss %.4f", epoch + 1, epoch_losses[-1])
 
     result = {}

@@ -150,9 +150,10 @@ def test_nproc_relaunches_under_torchrun(tmp_path, tiny_fmnist, monkeypatch):
 
 
 def test_a_rank_whose_batch_is_all_unreadable_does_not_hang_the_others(tmp_path):
-    """Image folder, 2 processes x batch 2: both files of rank 1's second batch are corrupt. Every
-    rank skips that step together (a rank skipping alone would leave the other waiting in DDP's
-    all-reduce), the run finishes, and the skipped files of all ranks are counted."""
+    """Image folder, 2 processes x batch 2: both files of rank 1's second batch are corrupt, and
+    one of rank 0's third. Every rank skips the second step together (a rank skipping alone would
+    leave the other waiting in DDP's all-reduce), the run finishes, the skipped files of all ranks
+    are counted, and images_seen counts only the images trained on."""
     import numpy as np
     from PIL import Image
 
@@ -166,7 +167,8 @@ def test_a_rank_whose_batch_is_all_unreadable_does_not_hang_the_others(tmp_path)
         Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(path)
     ds = build_dataset("image_folder", root, load_size=16)
     bad = BatchLoader(ds, 2, seed=0, rank=1, world_size=2).batch_indices(0)[1]
-    for i in bad.tolist():
+    one_of_rank0 = BatchLoader(ds, 2, seed=0, rank=0, world_size=2).batch_indices(0)[2][:1]
+    for i in bad.tolist() + one_of_rank0.tolist():
         open(ds.path(i), "wb").write(b"not an image")
     cfg = tiny_config(tmp_path, root, "data.name=image_folder", "data.load_size=16", "train.epochs=1",
                       "train.batch_size=2", "train.log_every_steps=1", "train.checkpoint_every_steps=0",
@@ -177,5 +179,7 @@ def test_a_rank_whose_batch_is_all_unreadable_does_not_hang_the_others(tmp_path)
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     records = [json.loads(line) for line in open(os.path.join(out["run_dir"], "metrics.jsonl"))]
     assert [r["step"] for r in records if r["kind"] == "train"] == [1, 3, 4]  # step 2 (index 1) skipped
-    assert [r["skipped_images"] for r in records if r["kind"] == "data"] == [2]
+    assert [r["skipped_images"] for r in records if r["kind"] == "data"] == [3]
+    # Trained on: steps 1, 3 and 4 of 2 x 2 images, less the one dropped from rank 0's third batch.
+    assert out["images_seen"] == 3 * 4 - 1
     assert ckpt.load(os.path.join(out["run_dir"], "checkpoint.pt"))["step"] == 4
