@@ -361,7 +361,14 @@ def cmd_presets(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # argparse stops filling a positional list at the first option; KEY=VALUE overrides after an
+    # option (`bcssl eval knn RUN --json eval.knn_k=10`) are taken back into the list, in order.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not (isinstance(getattr(args, "overrides", None), list)
+                and all("=" in a and not a.startswith("-") for a in extra)):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.command is None or (args.command == "eval" and args.eval_command is None) or \
             (args.command == "bench" and args.bench_command is None) or \

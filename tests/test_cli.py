@@ -40,6 +40,12 @@ def test_pretrain_then_eval_knn_json(tmp_path, tiny_fmnist, capsys):
     ev = last_json(capsys.readouterr().out)
     assert ev["knn_top1"] == pytest.approx(out["knn_top1"])  # same weights, same protocol
     assert json.load(open(f"{tmp_path}/cli/knn.json"))["knn_top1"] == ev["knn_top1"]
+    # Overrides may also follow an option; an unknown option is still refused.
+    assert main(["eval", "knn", f"{tmp_path}/cli", "--json", "eval.knn_k=5"]) == 0
+    assert last_json(capsys.readouterr().out)["k"] == 5
+    with pytest.raises(SystemExit):
+        main(["eval", "knn", f"{tmp_path}/cli", "--json", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
 def test_eval_knn_on_non_run_is_clear(tmp_path, capsys):
