@@ -4,7 +4,14 @@
 feature extractor; see :mod:`bcssl.export`. It is imported lazily, so ``import bcssl`` stays light.
 """
 
-__all__ = ["load_backbone"]
+from importlib.metadata import PackageNotFoundError, version
+
+try:
+    __version__ = version("bcssl")  # one place: pyproject.toml
+except PackageNotFoundError:  # a source tree on PYTHONPATH, not installed
+    __version__ = "0+unknown"
+
+__all__ = ["load_backbone", "__version__"]
 
 
 def __getattr__(name: str):

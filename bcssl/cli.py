@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bcssl", description="Self-supervised pre-training of large-kernel CNNs "
                                      "(BC-SSL) with DINO.", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    from importlib.metadata import version  # not `import torch`: --help stays instant
+
+    from bcssl import __version__
+    parser.add_argument("--version", action="version", version=f"bcssl {__version__} (torch {version('torch')})")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser("pretrain", help="pre-train a backbone (resumes when the run directory has a checkpoint)")

@@ -48,6 +48,15 @@ def test_pretrain_then_eval_knn_json(tmp_path, tiny_fmnist, capsys):
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
 
 
+def test_version_names_bcssl_and_torch(capsys):
+    import bcssl
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"bcssl {bcssl.__version__} (torch ") and bcssl.__version__ != "0+unknown"
+
+
 def test_eval_knn_on_non_run_is_clear(tmp_path, capsys):
     assert main(["eval", "knn", str(tmp_path)]) != 0
     assert "not a bcssl run directory" in capsys.readouterr().err
