@@ -10,6 +10,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from bcssl.config.schema import Config
+from bcssl.engine.amp import AMP_MODES
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -125,14 +126,14 @@ def _validate(cfg: DictConfig) -> None:
 
     need(cfg.train.epochs >= 1, f"train.epochs must be >= 1, got {cfg.train.epochs}")
     need(cfg.train.batch_size >= 1, f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
-    need(cfg.train.amp in ("none", "bf16", "fp16"), f"train.amp must be none, bf16 or fp16, got '{cfg.train.amp}'")
+    need(cfg.train.amp in AMP_MODES, f"train.amp must be none, bf16 or fp16, got '{cfg.train.amp}'")
     need(cfg.crops.n_local >= 0, "crops.n_local must be >= 0")
     need(len(cfg.crops.blur_p) == 3 and len(cfg.crops.solarize_p) == 3,
          "crops.blur_p and crops.solarize_p need 3 values: global1, global2, locals")
     need(cfg.data.limit is None or cfg.data.limit > 0, "data.limit must be a positive number of images")
     dm = cfg.detection.min_size
     need(len(dm) == 2 and 0 < dm[0] <= dm[1], f"detection.min_size must be [low, high] shorter sides, got {list(dm)}")
-    need(cfg.detection.amp in ("none", "bf16", "fp16"),
+    need(cfg.detection.amp in AMP_MODES,
          f"detection.amp must be none, bf16 or fp16, got '{cfg.detection.amp}'")
     need(cfg.detection.batch_size >= 1 and cfg.detection.epochs >= 1,
          "detection.batch_size and detection.epochs must be >= 1")

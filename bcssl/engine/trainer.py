@@ -6,7 +6,6 @@ checkpoint replays the remaining steps bit for bit.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import signal
 import threading
@@ -21,6 +20,7 @@ from bcssl.data import BatchLoader, build_dataset
 from bcssl.data.multicrop import MultiCrop, MultiCropConfig
 from bcssl.engine import checkpoint as ckpt
 from bcssl.engine import distributed as ddp
+from bcssl.engine.amp import autocast as amp_autocast
 from bcssl.engine.optim import build_optimizer
 from bcssl.engine.run_dir import MetricsLog, run_dir_of, save_config
 from bcssl.engine.schedules import cosine_schedule
@@ -201,8 +201,7 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
     if amp == "fp16" and device.type != "cuda":
         raise TrainingError("train.amp=fp16 needs a CUDA device; use train.amp=bf16 or none on CPU")
     scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-                if amp != "none" else contextlib.nullcontext())
+    autocast = amp_autocast(amp, device)
 
     # One DDP forward per step = the method's whole loss (students called once per view inside);
     # the teacher/target has no gradients, so DDP only averages the student's.

@@ -322,6 +322,7 @@ def detection_of_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), 
     from bcssl.data.loader import epoch_order
     from bcssl.engine import checkpoint as ckpt
     from bcssl.engine import distributed as ddp
+    from bcssl.engine.amp import autocast as amp_autocast
     from bcssl.engine.run_dir import write_json
     from bcssl.engine.trainer import TrainingError, param_groups, resolve_device, step_seed
     from bcssl.eval.features import load_run
@@ -358,8 +359,7 @@ def detection_of_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), 
     if d.amp == "fp16" and device.type != "cuda":
         raise TrainingError("detection.amp=fp16 needs a CUDA device; use bf16 or none on the CPU")
     scaler = torch.amp.GradScaler(device.type, enabled=d.amp == "fp16")
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if d.amp == "bf16" else torch.float16)
-                if d.amp != "none" else contextlib.nullcontext())
+    autocast = amp_autocast(d.amp, device)
     steps_per_epoch = len(train_set) // d.batch_size
     total = steps_per_epoch * d.epochs
 

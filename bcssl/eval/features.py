@@ -7,7 +7,6 @@ images and the preprocessing (:func:`cached_features`); :func:`load_run` gives a
 backbone together with the digest of the checkpoint it was loaded from."""
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -21,6 +20,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
+
+from bcssl.engine.amp import autocast as amp_autocast
 
 
 def eval_preprocess(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
@@ -55,8 +56,7 @@ def extract_features(backbone: nn.Module, batches: Iterable[tuple[torch.Tensor, 
     was_training = backbone.training
     backbone.eval()
     feats, labels = [], []
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-                if amp in ("bf16", "fp16") else contextlib.nullcontext())
+    autocast = amp_autocast(amp, device)
     try:
         for images, y in tqdm(batches, total=total, desc=desc, disable=not progress, leave=False):
             x = eval_preprocess(images.to(device, non_blocking=True), size, mean, std)

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from bcssl.engine.amp import autocast as amp_autocast
 from bcssl.engine.run_dir import write_json
 from bcssl.eval.features import load_run, run_features
 
@@ -246,16 +247,13 @@ def train_linear_augmented(backbone: nn.Module, loader, augment: Callable[[torch
     ``loader`` (a shuffling :class:`~bcssl.data.BatchLoader`) and the frozen eval-mode
     ``backbone`` run on the result each step. ``lr`` is at batch 256 (scaled by the loader's
     batch size); ``norm`` = (mean, 1/std) standardises the features. Returns as :func:`train_linear`."""
-    import contextlib
-
     from bcssl.engine.trainer import step_seed
 
     device = torch.device(device)
     t0 = time.perf_counter()
     was_training = backbone.training
     backbone.eval()
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-                if amp in ("bf16", "fp16") else contextlib.nullcontext())
+    autocast = amp_autocast(amp, device)
     steps = len(loader)
 
     def epoch_batches(epoch: int):

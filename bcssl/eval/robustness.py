@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from bcssl.engine.amp import autocast as amp_autocast
 from bcssl.eval.features import eval_preprocess
 from bcssl.eval.imagenet_subsets import (
     IMAGENET_A_INDICES,
@@ -275,9 +276,7 @@ class _Predictor:
     @torch.no_grad()
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = eval_preprocess(images.to(self.device, non_blocking=True), self.size, self.mean, self.std)
-        autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16 if self.amp == "bf16" else torch.float16)
-                    if self.amp in ("bf16", "fp16") else contextlib.nullcontext())
-        with autocast:
+        with amp_autocast(self.amp, self.device):
             feats = self.backbone(x)
         logits = self.classifier(feats.float().to(self.clf_device)).float()
         if self.subset is None:

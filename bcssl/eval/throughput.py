@@ -11,7 +11,6 @@ round 2: A, B, C; ... -- and reports each model's median over the rounds, so tha
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from typing import Iterable, Optional, Sequence, Union
@@ -20,18 +19,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from bcssl.engine.amp import AMP_MODES
+from bcssl.engine.amp import autocast as amp_autocast
 from bcssl.models import count_macs, count_params, create_backbone, list_backbones
 from bcssl.models import fold_bn as fold_bn_into_conv
 from bcssl.models.baselines import IMG_SIZE_BASELINES, KERNEL_SIZE_BASELINES
-
-AMP_MODES = ("none", "bf16", "fp16")
-
-
-def _autocast(device: torch.device, amp: str):
-    if amp == "none":
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
-
 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
@@ -86,7 +78,7 @@ def measure_throughput(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     try:
-        with torch.inference_mode(), _autocast(device, amp):
+        with torch.inference_mode(), amp_autocast(amp, device):
             for _ in range(warmup):
                 model(x)
             _sync(device)
