@@ -4,13 +4,13 @@ norm), a Table 5-style robustness table, and CAM grids (one row per kernel size)
 Table 6-style mean CAM area, written to ``<out>/report.md`` with PNGs and ``summary.json``."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from bcssl.engine.run_dir import write_json
 from bcssl.eval.report import _f, _table
 
 if TYPE_CHECKING:
@@ -223,6 +223,6 @@ def write_sweep_report(sweep: "Sweep", results: dict[str, dict | None]) -> dict:
                           for m in METRICS if pivot.has(m)},
                "cam_area": {row: c["area"] for row, c in cams.items()},
                "figures": [str(p) for p in ([fig] if fig else []) + [c["png"] for c in cams.values()]]}
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out_dir / "summary.json", summary)
     return summary
 

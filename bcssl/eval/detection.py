@@ -366,8 +366,9 @@ def detection_of_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), 
     out_dir = run / "detection"
     ck_path = out_dir / "checkpoint.pt"
     start = 0
-    if ck_path.exists() or ckpt.prev_path(ck_path).exists():
-        state = ckpt.load(ckpt.latest(out_dir) or ck_path)
+    resume_path = ckpt.latest(out_dir)  # checkpoint.pt, or its previous copy when that one is unreadable
+    if resume_path is not None:
+        state = ckpt.load(resume_path)
         if state.get("num_classes") != num_classes or state.get("checkpoint_sha256") != loaded.checkpoint_sha256:
             raise ValueError(f"{ck_path} was fine-tuned from another checkpoint or class set; remove {out_dir} "
                              "to start over")

@@ -27,7 +27,6 @@ Every detail is in this file:
 """
 from __future__ import annotations
 
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
