@@ -31,6 +31,7 @@ from bcssl.engine.run_dir import load_run_config  # noqa: E402
 from bcssl.engine.trainer import build_method  # noqa: E402
 from bcssl.eval.detection import detection_of_run  # noqa: E402
 
+
 def write_canvases(root: Path, split: str, n: int, images: torch.Tensor, labels: torch.Tensor, size: int,
                    seed: int) -> None:
     """``n`` canvases of ``size`` px: a 2 x 2 grid of cells, 1-3 of them holding an item scaled
