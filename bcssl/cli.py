@@ -188,10 +188,9 @@ def _relaunched(args) -> bool:
 
 def cmd_pretrain(args) -> None:
     from bcssl.config import load_config
+    from bcssl.engine.distributed import env_rank
     from bcssl.engine.trainer import train
     from bcssl.eval.knn import knn_monitor
-
-    from bcssl.engine.distributed import env_rank
 
     if _relaunched(args):
         return
@@ -280,7 +279,7 @@ def cmd_eval_detection(args) -> None:
 def cmd_bench_throughput(args) -> None:
     import torch
 
-    from bcssl.engine.trainer import resolve_device
+    from bcssl.engine.runtime import resolve_device
     from bcssl.eval.throughput import benchmark, format_table
 
     if args.threads:
@@ -404,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
 def _is_user_error(e: Exception) -> bool:
     from bcssl.config import ConfigError
     from bcssl.engine.checkpoint import CheckpointError
-    from bcssl.engine.trainer import TrainingError
+    from bcssl.engine.runtime import TrainingError
 
     return isinstance(e, (ConfigError, CheckpointError, TrainingError, FileNotFoundError, ValueError))
 

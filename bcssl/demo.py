@@ -10,11 +10,11 @@ import time
 import torch
 from omegaconf import DictConfig
 
-from bcssl.eval.features import load_run_backbone
+from bcssl.engine.run_dir import run_dir_of
+from bcssl.engine.runtime import build_method, load_run_backbone, resolve_device
+from bcssl.engine.trainer import train
 from bcssl.eval.knn import KNNEvaluator, knn_classify, knn_monitor
 from bcssl.eval.report import write_report
-from bcssl.engine.run_dir import run_dir_of
-from bcssl.engine.trainer import build_method, resolve_device, train
 
 
 def pixel_knn(evaluator: KNNEvaluator) -> dict:

@@ -415,7 +415,7 @@ def load_backbone(path: str | os.PathLike, *, device: str | torch.device = "cpu"
     """
     p = Path(path)
     if p.is_dir():
-        from bcssl.eval.features import load_run
+        from bcssl.engine.runtime import load_run
         from bcssl.models import fold_bn
 
         r = load_run(p)
@@ -551,7 +551,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "safetensors", out: str | 
     ``out``: a file, or a folder for the default name; default ``<run_dir>/export/<name>``.
     ``input_size``: example/check input side, default the run's ``crops.global_size``.
     """
-    from bcssl.eval.features import load_run
+    from bcssl.engine.runtime import load_run
 
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")

@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from bcssl.data import FASHION_MNIST_CLASSES, build_dataset  # noqa: E402
 from bcssl.engine import checkpoint as ckpt  # noqa: E402
 from bcssl.engine.run_dir import load_run_config  # noqa: E402
-from bcssl.engine.trainer import build_method  # noqa: E402
+from bcssl.engine.runtime import build_method  # noqa: E402
 from bcssl.eval.detection import detection_of_run  # noqa: E402
 
 

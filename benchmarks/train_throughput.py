@@ -29,8 +29,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import os
+import statistics
 import sys
 import time
 
@@ -43,8 +43,8 @@ from pil_multicrop import DataAugmentationDINO  # noqa: E402
 
 from bcssl.config import load_config  # noqa: E402
 from bcssl.data import BatchLoader, build_dataset  # noqa: E402
-from bcssl.engine.trainer import (build_method, compile_student, multicrop_from_config, param_groups,  # noqa: E402
-                                  step_seed)
+from bcssl.engine.runtime import build_method, param_groups, step_seed  # noqa: E402
+from bcssl.engine.trainer import compile_student, multicrop_from_config  # noqa: E402
 
 
 class PILDataset(torch.utils.data.Dataset):

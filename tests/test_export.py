@@ -177,7 +177,7 @@ def tiny_run(tmp_path, tiny_fmnist):
     """A run directory with a checkpoint whose teacher has non-trivial BN stats (no training needed)."""
     from bcssl.engine import checkpoint as ckpt
     from bcssl.engine.run_dir import run_dir_of, save_config
-    from bcssl.engine.trainer import build_method
+    from bcssl.engine.runtime import build_method
 
     cfg = tiny_config(tmp_path, tiny_fmnist)  # bcssl_atto 8..64, stem_stride 2, kernel 3, bn+ln
     run = run_dir_of(cfg)

@@ -9,8 +9,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from bcssl.config.schema import Config
-from bcssl.engine.amp import AMP_MODES
+from bcssl.config.schema import AMP_MODES, Config
 
 PRESET_DIR = Path(__file__).parent / "presets"
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
+#: mixed-precision modes a config may name (``train.amp``, ``detection.amp``); engine/amp.py applies them
+AMP_MODES = ("none", "bf16", "fp16")
+
 
 @dataclass
 class RunConfig:

@@ -5,15 +5,15 @@ from __future__ import annotations
 import contextlib
 from typing import TYPE_CHECKING
 
+from bcssl.config.schema import AMP_MODES  # the config validates with the same tuple
+
 if TYPE_CHECKING:
     import torch
-
-AMP_MODES = ("none", "bf16", "fp16")
 
 
 def autocast(amp: str, device: torch.device | str) -> contextlib.AbstractContextManager:
     """``torch.autocast`` to bfloat16 or float16 on ``device``'s type; a no-op context for ``none``."""
-    import torch  # here, not at the top: the config validation imports AMP_MODES without torch
+    import torch  # here, not at the top: importing this module stays light
 
     if amp not in AMP_MODES:
         raise ValueError(f"amp must be one of {', '.join(AMP_MODES)}; got {amp!r}")

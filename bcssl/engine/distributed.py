@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bcssl.engine.runtime import resolve_device
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -45,12 +47,13 @@ def env_rank() -> int:
 
 def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
     """Join the process group when started by ``torchrun`` (WORLD_SIZE > 1); returns this
-    process's rank info and its device (``cuda:LOCAL_RANK`` on GPUs)."""
+    process's rank info and its device (``cuda:LOCAL_RANK`` on GPUs). The device is resolved
+    before the group is joined: a missing CUDA is one clear error in one process or many."""
     world = env_world_size()
     if world <= 1:
-        return DistInfo(), _device(device_name, 0)
+        return DistInfo(), resolve_device(device_name)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = _device(device_name, local_rank)
+    device = resolve_device(device_name, local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -61,23 +64,41 @@ def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
     return DistInfo(rank, world, local_rank), device
 
 
-def _device(name: str, local_rank: int) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", local_rank)
-    return device
-
-
 def shutdown_distributed() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
+def is_distributed() -> bool:
+    """Whether this process is one of several in an initialised process group."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    """This process's rank in the process group (0 in a single process)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """Processes in the group (1 in a single process)."""
+    return dist.get_world_size() if is_distributed() else 1
+
+
+@torch.no_grad()
+def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensors of all processes concatenated along dim 0 in rank order, no gradient (MoCo v3's
+    ``concat_all_gather``); a single process gets its own tensor back. Every process must pass the
+    same shape."""
+    if not is_distributed():
+        return tensor
+    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, tensor.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     """Sum of ``value`` over the processes (itself in a single process); no gradient."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_distributed():
         return value
     value = value.detach().clone()
     dist.all_reduce(value)
@@ -86,7 +107,7 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean of ``value`` over the processes (itself in a single process)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_distributed():
         return value
     return all_reduce_sum(value) / dist.get_world_size()
 
@@ -95,7 +116,7 @@ def any_process(flags: list[bool], device: torch.device) -> list[bool]:
     """Each flag made true on every process when it is true on at least one (a non-finite loss
     or a preemption signal that reached only some ranks), in one all-reduce: all ranks then
     skip or stop at the same step."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not is_distributed():
         return list(flags)
     t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     dist.all_reduce(t)
@@ -103,7 +124,7 @@ def any_process(flags: list[bool], device: torch.device) -> list[bool]:
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if is_distributed():
         dist.barrier()
 
 
@@ -199,5 +220,6 @@ def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
     return subprocess.call(cmd)
 
 
-__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "all_reduce_sum", "all_reduce_mean", "any_process", "barrier",
+__all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "is_distributed", "rank", "world_size",
+           "all_gather_cat", "all_reduce_sum", "all_reduce_mean", "any_process", "barrier",
            "CPUSyncBatchNorm", "all_reduce_sum_with_grad", "convert_sync_batchnorm", "relaunch_with_torchrun", "env_world_size", "env_rank"]

@@ -9,6 +9,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from bcssl.config import load_config
+
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     """Write ``obj`` as indented JSON atomically (temporary file + rename): a reader never sees
@@ -29,7 +31,6 @@ def load_run_config(run_dir: str | os.PathLike) -> DictConfig:
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a bcssl run directory (no config.yaml); "
                                 "create one with `bcssl pretrain`")
-    from bcssl.config.loader import load_config  # late: config imports nothing from engine
     return load_config(str(path))
 
 

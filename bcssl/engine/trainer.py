@@ -23,14 +23,11 @@ from bcssl.engine import distributed as ddp
 from bcssl.engine.amp import autocast as amp_autocast
 from bcssl.engine.optim import build_optimizer
 from bcssl.engine.run_dir import MetricsLog, run_dir_of, save_config
+from bcssl.engine.runtime import TrainingError, build_method, param_groups, step_seed
 from bcssl.engine.schedules import cosine_schedule
-from bcssl.methods import SSLMethod, create_method
+from bcssl.methods import SSLMethod
 
 log = logging.getLogger("bcssl")
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (e.g. the loss stayed non-finite); the message says why."""
 
 
 PREEMPT_SIGNALS = ("SIGTERM", "SIGUSR1")  # Slurm/Kubernetes preemption, `scancel --signal=USR1`
@@ -60,36 +57,11 @@ class PreemptionFlag:
             signal.signal(sig, handler)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise TrainingError(f"device '{name}' requested but CUDA is not available; use device=cpu")
-    return device
-
-
-def step_seed(seed: int, step: int) -> int:
-    """A distinct, reproducible 63-bit seed per (run seed, global step)."""
-    return (seed * 1_000_003 + step * 7_919 + 12_345) % (2 ** 63 - 1)
-
-
 def multicrop_from_config(crops: DictConfig) -> MultiCrop:
     fields = MultiCropConfig.__dataclass_fields__
     kw = {k: (tuple(v) if isinstance(v, (list, tuple)) or OmegaConf.is_list(v) else v)
           for k, v in crops.items() if k in fields}
     return MultiCrop(MultiCropConfig(**kw))
-
-
-def param_groups(model: torch.nn.Module) -> list[dict]:
-    """AdamW groups: weight decay on weights only; biases and 1-D params (norms, layer scale,
-    weight-norm magnitude) get none, as in DINO's ``get_params_groups``."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if name.endswith(".bias") or p.ndim <= 1 else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def clip_gradients_per_param(model: torch.nn.Module, clip: float) -> None:
@@ -125,10 +97,6 @@ def compile_student(method: SSLMethod, backend: str) -> None:
         part.compile(backend=backend, dynamic=False)
 
 
-def build_method(cfg: DictConfig) -> SSLMethod:
-    return create_method(cfg.method.name, cfg.model, cfg.method)
-
-
 class _NoMetrics:
     """What ranks other than 0 log to: nothing."""
 
@@ -151,8 +119,7 @@ def train(cfg: DictConfig, *, knn_eval=None) -> TrainResult:
     """
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    # resolve first: a clear error when CUDA is asked for but missing, in one process or many
-    dist, device = ddp.init_distributed(str(resolve_device(cfg.device)))
+    dist, device = ddp.init_distributed(cfg.device)
     try:
         with PreemptionFlag() as preempt:
             return _train(cfg, knn_eval, dist, device, preempt)

@@ -386,7 +386,7 @@ def cam_for_runs(run_dirs: Sequence[Union[str, os.PathLike]], images, *, methods
     "model", "kernel_size", "method", "target", "checkpoint", "predicted", "cam_area",
     "cam_area_mean"}]}`` where ``cam_area`` is the fraction of each map above 0.5.
     """
-    from bcssl.eval.features import load_run_backbone
+    from bcssl.engine.runtime import load_run_backbone
     from bcssl.eval.linear import load_linear_classifier
 
     run_dirs = [Path(r) for r in ([run_dirs] if isinstance(run_dirs, (str, os.PathLike)) else run_dirs)]

@@ -324,8 +324,7 @@ def detection_of_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), 
     from bcssl.engine import distributed as ddp
     from bcssl.engine.amp import autocast as amp_autocast
     from bcssl.engine.run_dir import write_json
-    from bcssl.engine.trainer import TrainingError, param_groups, resolve_device, step_seed
-    from bcssl.eval.features import load_run
+    from bcssl.engine.runtime import TrainingError, load_run, param_groups, resolve_device, step_seed
     from bcssl.models import fold_bn
 
     t_start = time.perf_counter()

@@ -3,25 +3,24 @@ evaluation preprocessing (DINO: resize 256 -> centre-crop 224; small images are 
 the training crop size).
 
 Features are cached per run under ``<run_dir>/cache/`` keyed by the checkpoint's bytes, the
-images and the preprocessing (:func:`cached_features`); :func:`load_run` gives a run's eval
-backbone together with the digest of the checkpoint it was loaded from."""
+images and the preprocessing (:func:`cached_features`); ``bcssl.engine.runtime.load_run`` gives a
+run's eval backbone together with the digest of the checkpoint it was loaded from."""
 from __future__ import annotations
 
 import hashlib
 import json
 import os
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig
 from torch import nn
 from tqdm.auto import tqdm
 
 from bcssl.engine.amp import autocast as amp_autocast
+from bcssl.engine.runtime import LoadedRun, file_sha256
 
 
 def eval_preprocess(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
@@ -74,109 +73,8 @@ def extract_features(backbone: nn.Module, batches: Iterable[tuple[torch.Tensor, 
 
 
 # --------------------------------------------------------------------------------------------
-# Loading a run's eval backbone, and caching its features per (checkpoint bytes, data, transform)
+# Caching a run's features per (checkpoint bytes, data, transform)
 # --------------------------------------------------------------------------------------------
-
-_HASH_CHUNK = 1 << 22
-
-
-def _sha256_of_open_file(f) -> str:
-    h = hashlib.sha256()
-    f.seek(0)
-    for chunk in iter(lambda: f.read(_HASH_CHUNK), b""):
-        h.update(chunk)
-    return h.hexdigest()
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """sha256 of a file's bytes, read in chunks (checkpoints can be GBs)."""
-    with open(path, "rb") as f:
-        return _sha256_of_open_file(f)
-
-
-def _stat_key(st: os.stat_result) -> tuple:
-    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
-
-
-@dataclass
-class LoadedRun:
-    """A run's resolved config and eval backbone (CPU, eval mode) with the checkpoint it came from.
-
-    ``checkpoint_sha256`` is the digest of exactly the bytes the weights were loaded from, even
-    when a training process replaces the checkpoint meanwhile; pass it to :func:`cached_features`.
-    """
-    cfg: DictConfig
-    backbone: nn.Module
-    checkpoint_path: Path
-    checkpoint_sha256: str
-    step: int | None
-    encoder: str = "teacher"  # which network ``backbone`` is (eval.encoder, resolved)
-
-
-def _load_checkpoint_consistently(path: Path, retries: int = 5) -> tuple[dict, Path, str]:
-    """``(state, file loaded, sha256 of that file)``.
-
-    ``checkpoint.load_with_source`` falls back to ``<name>.prev.pt`` when the latest file is
-    unreadable and says which file it used. The trainer replaces checkpoints atomically
-    (new inode), so the digest belongs to the loaded weights when the file's inode, size and
-    mtime are the same before loading and while hashing; otherwise a save raced us: retry.
-    """
-    from bcssl.engine import checkpoint as ckpt
-
-    prev = ckpt.prev_path(path)
-    for _ in range(retries):
-        before = {}
-        for p in (path, prev):
-            try:
-                before[p] = _stat_key(os.stat(p))
-            except FileNotFoundError:
-                pass
-        state, used = ckpt.load_with_source(path)
-        try:
-            with open(used, "rb") as f:
-                now = _stat_key(os.fstat(f.fileno()))
-                digest = _sha256_of_open_file(f)
-        except FileNotFoundError:
-            continue
-        if before.get(used) == now:
-            return state, used, digest
-    raise RuntimeError(f"checkpoint {path} kept changing while it was loaded ({retries} tries); "
-                       "evaluate once the training process has written it")
-
-
-def load_run(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> LoadedRun:
-    """Config (+ dotlist ``overrides``) and latest checkpoint of a run -> its eval backbone.
-
-    Raises FileNotFoundError when ``run_dir`` is not a run directory or has no checkpoint.
-    """
-    from bcssl.config import load_config
-    from bcssl.engine import checkpoint as ckpt
-    from bcssl.engine.trainer import build_method
-
-    run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run} is not a bcssl run directory (no config.yaml); "
-                                "create one with `bcssl pretrain`")
-    cfg = load_config(str(run / "config.yaml"), list(overrides))
-    path = ckpt.latest(run)
-    if path is None:
-        raise FileNotFoundError(f"{run} has no checkpoint.pt to evaluate; train it first with `bcssl pretrain`")
-    state, used, digest = _load_checkpoint_consistently(path)
-    if "method" not in state:
-        raise FileNotFoundError(f"{used} is not a bcssl pre-training checkpoint (no 'method' state)")
-    method = build_method(cfg)
-    method.load_state_dict(state["method"])
-    encoder = method.resolve_eval_encoder(cfg.eval.encoder)
-    backbone = method.eval_backbone(encoder).eval()
-    step = state.get("step")
-    return LoadedRun(cfg, backbone, used, digest, int(step) if step is not None else None, encoder)
-
-
-def load_run_backbone(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> tuple[DictConfig, nn.Module, Path]:
-    """``(cfg, eval backbone in eval mode on the CPU, checkpoint path)`` of a run (see :func:`load_run`)."""
-    r = load_run(run_dir, overrides)
-    return r.cfg, r.backbone, r.checkpoint_path
-
 
 def _short(*parts: str) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]

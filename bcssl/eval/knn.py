@@ -87,8 +87,8 @@ def knn_of_run(run_dir, overrides=(), *, device=None, progress: bool = True) -> 
 
     from bcssl.data import train_and_eval_sets
     from bcssl.engine.run_dir import write_json
-    from bcssl.engine.trainer import resolve_device
-    from bcssl.eval.features import load_run, run_features
+    from bcssl.engine.runtime import load_run, resolve_device
+    from bcssl.eval.features import run_features
 
     loaded = load_run(run_dir, overrides)
     cfg, d = loaded.cfg, loaded.cfg.data

@@ -34,7 +34,8 @@ from tqdm.auto import tqdm
 
 from bcssl.engine.amp import autocast as amp_autocast
 from bcssl.engine.run_dir import write_json
-from bcssl.eval.features import load_run, run_features
+from bcssl.engine.runtime import load_run
+from bcssl.eval.features import run_features
 
 LINEAR_WEIGHTS = "linear.safetensors"
 LINEAR_JSON = "linear.json"
@@ -247,7 +248,7 @@ def train_linear_augmented(backbone: nn.Module, loader, augment: Callable[[torch
     ``loader`` (a shuffling :class:`~bcssl.data.BatchLoader`) and the frozen eval-mode
     ``backbone`` run on the result each step. ``lr`` is at batch 256 (scaled by the loader's
     batch size); ``norm`` = (mean, 1/std) standardises the features. Returns as :func:`train_linear`."""
-    from bcssl.engine.trainer import step_seed
+    from bcssl.engine.runtime import step_seed
 
     device = torch.device(device)
     t0 = time.perf_counter()
@@ -368,7 +369,7 @@ def linear_probe(run_dir: str | os.PathLike, overrides: Sequence[str] = (), devi
     ``linear.json`` and a ``{"kind": "linear"}`` record in ``metrics.jsonl``; returns the
     ``linear.json`` dict (with ``run_dir``)."""
     from bcssl.data import BatchLoader, train_and_eval_sets
-    from bcssl.engine.trainer import resolve_device
+    from bcssl.engine.runtime import resolve_device
 
     t_start = time.perf_counter()
     run = Path(run_dir)

@@ -576,8 +576,7 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), *, f
     import json
 
     from bcssl.data import dataset_from_config
-    from bcssl.engine.trainer import resolve_device
-    from bcssl.eval.features import load_run_backbone
+    from bcssl.engine.runtime import load_run_backbone, resolve_device
     from bcssl.eval.linear import load_linear_classifier
 
     cfg, backbone, _ = load_run_backbone(run_dir, overrides)

@@ -10,14 +10,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from bcssl.engine import distributed as ddp
 from bcssl.engine.schedules import teacher_temperature
 from bcssl.methods.base import MultiCropWrapper, SSLMethod, backbone_from_config, ema_update, frozen_copy
 from bcssl.models.heads import DINOHead
-
 
 # Collapse thresholds on the entropies normalised by log K (see ``collapse_stats``).
 UNIFORM_ENTROPY = 0.95
@@ -53,12 +52,11 @@ class DINOLoss(nn.Module):
 
     @torch.no_grad()
     def update_center(self, teacher_out: torch.Tensor) -> None:
-        batch_center = teacher_out.float().sum(dim=0, keepdim=True)
-        count = torch.tensor(float(teacher_out.shape[0]), device=teacher_out.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(batch_center)
-            dist.all_reduce(count)
-        batch_center = batch_center / count
+        # DINO's update_center: the batch sum all-reduced over the GPUs, divided by the global
+        # batch (one all-reduce carries both the sum and the count)
+        local = torch.cat([teacher_out.float().sum(dim=0), teacher_out.new_tensor([teacher_out.shape[0]]).float()])
+        total = ddp.all_reduce_sum(local)
+        batch_center = (total[:-1] / total[-1])[None]
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1 - self.center_momentum)
 
 

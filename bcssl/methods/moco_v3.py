@@ -28,13 +28,19 @@ Every detail is in this file:
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from bcssl.engine import distributed as ddp
 from bcssl.methods.base import backbone_from_config
-from bcssl.methods.byol import (Encoder, OnlineNetwork, OnlineTargetMethod, representation_stats, target_encoder,
-                                warn_unused_crops)
+from bcssl.methods.byol import (
+    Encoder,
+    OnlineNetwork,
+    OnlineTargetMethod,
+    representation_stats,
+    target_encoder,
+    warn_unused_crops,
+)
 
 
 def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, last_bn: bool = True) -> nn.Sequential:
@@ -52,34 +58,14 @@ def build_mlp(num_layers: int, input_dim: int, mlp_dim: int, output_dim: int, la
     return nn.Sequential(*layers)
 
 
-# --- distributed helpers (module level so tests can fake a rank) -----------------------------------
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def get_rank() -> int:
-    return dist.get_rank() if _distributed() else 0
-
-
-@torch.no_grad()
-def concat_all_gather(tensor: torch.Tensor) -> torch.Tensor:
-    """The tensors of all processes concatenated in rank order (no gradient flows back through
-    ``all_gather``); a single process gets its own tensor."""
-    if not _distributed() or dist.get_world_size() == 1:
-        return tensor
-    gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
-    dist.all_gather(gathered, tensor.contiguous())
-    return torch.cat(gathered, dim=0)
-
-
 def contrastive_loss(q: torch.Tensor, k: torch.Tensor, temperature: float) -> torch.Tensor:
     """``ctr(q, k) = CE(q_n k_n^T / T, arange(N) + N rank) * 2T`` over all processes' keys."""
     q = F.normalize(q.float(), dim=1)
     k = F.normalize(k.detach().float(), dim=1)
-    k = concat_all_gather(k)
+    k = ddp.all_gather_cat(k)
     logits = q @ k.t() / temperature
     n = logits.shape[0]  # batch size of this process
-    labels = torch.arange(n, dtype=torch.long, device=q.device) + n * get_rank()
+    labels = torch.arange(n, dtype=torch.long, device=q.device) + n * ddp.rank()
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
 

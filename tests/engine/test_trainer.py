@@ -13,7 +13,8 @@ import torch
 from omegaconf import OmegaConf
 
 from bcssl.engine import checkpoint as ckpt
-from bcssl.engine.trainer import TrainingError, clip_gradients_per_param, param_groups, train
+from bcssl.engine.runtime import TrainingError, param_groups
+from bcssl.engine.trainer import clip_gradients_per_param, train
 from tests.conftest import tiny_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

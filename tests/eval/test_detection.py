@@ -16,7 +16,7 @@ from PIL import Image
 from bcssl.config import load_config
 from bcssl.engine import checkpoint as ckpt
 from bcssl.engine.trainer import train
-from bcssl.eval.detection import (BackboneFPN, CocoDetectionSet, coco_ap, coco_results, detection_of_run, lr_at)
+from bcssl.eval.detection import BackboneFPN, CocoDetectionSet, coco_ap, coco_results, detection_of_run, lr_at
 from bcssl.models import create_backbone
 from tests.conftest import tiny_config
 
@@ -193,7 +193,7 @@ def test_bf16_autocast_fine_tunes_and_bad_amp_is_refused(tmp_path, tiny_fmnist, 
     r = detection_of_run(run, [f"detection.root={coco}", *DET, "detection.epochs=1", "detection.amp=bf16"],
                          progress=False)
     assert len(r["epoch_losses"]) == 1 and math.isfinite(r["epoch_losses"][0])
-    from bcssl.engine.trainer import TrainingError
+    from bcssl.engine.runtime import TrainingError
     with pytest.raises(TrainingError, match="fp16 needs a CUDA device"):
         detection_of_run(run, [f"detection.root={coco}", *DET, "detection.amp=fp16"], progress=False)
     from bcssl.config import ConfigError

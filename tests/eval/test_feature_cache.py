@@ -8,9 +8,9 @@ import torch
 from torch import nn
 
 from bcssl.engine import checkpoint as ckpt
-from bcssl.engine.trainer import build_method, train
-from bcssl.eval.features import (cached_features, extract_features, file_sha256, load_run,
-                                 load_run_backbone)
+from bcssl.engine.runtime import build_method, file_sha256, load_run, load_run_backbone
+from bcssl.engine.trainer import train
+from bcssl.eval.features import cached_features, extract_features
 from tests.conftest import tiny_config
 
 EXTRACT = dict(size=8, mean=(0.5,) * 3, std=(0.5,) * 3, progress=False)

@@ -7,10 +7,19 @@ import torch
 from safetensors.torch import load_file
 
 from bcssl.config import ConfigError, load_config
+from bcssl.engine.runtime import load_run_backbone
 from bcssl.engine.trainer import train
-from bcssl.eval.features import extract_features, load_run_backbone
-from bcssl.eval.linear import (LinearEvalAugment, feature_stats, fold_normalization, linear_probe,
-                               load_linear_classifier, make_classifier, topk_accuracy, train_linear)
+from bcssl.eval.features import extract_features
+from bcssl.eval.linear import (
+    LinearEvalAugment,
+    feature_stats,
+    fold_normalization,
+    linear_probe,
+    load_linear_classifier,
+    make_classifier,
+    topk_accuracy,
+    train_linear,
+)
 from tests.conftest import tiny_config
 
 

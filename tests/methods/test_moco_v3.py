@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from bcssl.config import load_config
+from bcssl.engine import distributed
 from bcssl.engine.optim import build_optimizer
-from bcssl.engine.trainer import param_groups, train
+from bcssl.engine.runtime import param_groups
+from bcssl.engine.trainer import train
 from bcssl.methods import MoCoV3, create_method
-from bcssl.methods import moco_v3
 from bcssl.methods.moco_v3 import contrastive_loss, moco_v3_loss
 from tests.conftest import TINY_MODEL, tiny_config
 
@@ -77,8 +78,8 @@ def test_keys_gathered_with_rank_offset_and_no_grad(monkeypatch):
         gathered.append(out)
         return out
 
-    monkeypatch.setattr(moco_v3, "concat_all_gather", fake_gather)
-    monkeypatch.setattr(moco_v3, "get_rank", lambda: 1)
+    monkeypatch.setattr(distributed, "all_gather_cat", fake_gather)
+    monkeypatch.setattr(distributed, "rank", lambda: 1)
     got = contrastive_loss(q, k, T)
     assert gathered and gathered[0].shape == (2 * N, D)
     k_all = torch.cat([other, k.detach()])
@@ -90,7 +91,7 @@ def test_keys_gathered_with_rank_offset_and_no_grad(monkeypatch):
 
 def test_single_process_gather_is_identity():
     t = torch.randn(3, 5)
-    assert moco_v3.concat_all_gather(t) is t and moco_v3.get_rank() == 0
+    assert distributed.all_gather_cat(t) is t and distributed.rank() == 0
 
 
 def _linears_and_bns(mlp):
