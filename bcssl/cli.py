@@ -35,8 +35,22 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, plus: with ``--json`` on the command line a usage error also ends with the JSON error line."""
+
+    json_errors = False
+
+    def error(self, message):
+        if _Parser.json_errors:
+            self.print_usage(sys.stderr)
+            print(f"{self.prog}: error: {message}", file=sys.stderr)
+            print(json.dumps({"error": message, "kind": "UsageError"}), flush=True)
+            raise SystemExit(2)
+        super().error(message)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bcssl", description="Self-supervised pre-training of large-kernel CNNs "
+    parser = _Parser(prog="bcssl", description="Self-supervised pre-training of large-kernel CNNs "
                                      "(BC-SSL) with DINO.", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     from importlib.metadata import version  # not `import torch`: --help stays instant
@@ -50,12 +64,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=None,
                    help="processes on this machine (one per GPU): reruns the command under `torchrun --standalone "
                         "--nproc_per_node=N`; train.batch_size is per process")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the resolved config, model size, steps, global batch and learning rate, then exit "
+                        "without training or creating anything")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=10")
     _add_common(p)
 
+    p = sub.add_parser("config", help="inspect configurations")
+    csub = p.add_subparsers(dest="config_command", metavar="SUBCOMMAND")
+    c = csub.add_parser("show", help="print the resolved configuration of a preset or YAML file with overrides")
+    c.add_argument("config", help="preset name (see `bcssl presets`) or a YAML file")
+    c.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.lr=1e-3")
+    _add_common(c)
+
     p = sub.add_parser("demo", help="pre-train a small BC-SSL on Fashion-MNIST and report k-NN vs baselines")
     p.add_argument("--config", default="demo_fmnist", help="preset (default demo_fmnist; demo_fmnist_long: ~1 h)")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. threads=2")
     _add_common(p)
 
     p = sub.add_parser("eval", help="evaluate a run")
@@ -68,20 +92,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = esub.add_parser("linear", help="linear probe on frozen features (PAPER.md recipe: SGD, lr 0.001, cosine, "
                         "100 epochs); saves the classifier for robustness evaluation")
-    e.add_argument("run")
+    e.add_argument("run", help="run directory (contains config.yaml and checkpoint.pt)")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. linear.epochs=20 linear.augment=true")
     _add_common(e)
     e = esub.add_parser("robustness", help="corruption robustness (ImageNet-C style, any dataset) or a released "
                         "ImageNet-C/-A/-R/-Sketch folder, with the run's linear probe")
-    e.add_argument("run")
-    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    e.add_argument("run", help="run directory (contains config.yaml and checkpoint.pt)")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. device=cpu")
     e.add_argument("--folder", help="a released ImageNet-C/-A/-R/-Sketch folder (class folders named by wnid)")
-    e.add_argument("--kind", choices=["imagenet_c", "imagenet_a", "imagenet_r", "imagenet_sketch"])
+    e.add_argument("--kind", choices=["imagenet_c", "imagenet_a", "imagenet_r", "imagenet_sketch"],
+                   help="which released benchmark --folder holds")
     e.add_argument("--limit", type=int, default=1000,
                    help="images per evaluation (default 1000; 0 = all; on-the-fly corruption costs ~3 ms "
                         "per image and cell at 32 px, 75 cells)")
     e.add_argument("--corruptions", default=None, help="comma-separated subset of the 15 (default: all)")
-    e.add_argument("--severities", default="1,2,3,4,5")
+    e.add_argument("--severities", default="1,2,3,4,5", help="comma-separated severities (default: all five)")
     _add_common(e)
     e = esub.add_parser("detection", help="Mask R-CNN + FPN fine-tuned from the run's backbone on COCO-format data "
                         "(3x recipe, PAPER.md Table 4): box and mask AP; resumes")
@@ -97,34 +122,37 @@ def build_parser() -> argparse.ArgumentParser:
     bsub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK")
     b = bsub.add_parser("throughput", help="forward-only images/s, params and MACs (paper Tables 3/5 columns)")
     b.add_argument("--models", default="bcssl_t,swin_t", help="comma-separated registry names (first = reference)")
-    b.add_argument("--resolution", type=int, default=224)
-    b.add_argument("--batch", type=int, default=64)
-    b.add_argument("--device", default="auto")
-    b.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"])
-    b.add_argument("--channels-last", action="store_true")
+    b.add_argument("--resolution", type=int, default=224, help="input side in pixels (default 224)")
+    b.add_argument("--batch", type=int, default=None,
+                   help="images per forward pass (default: 64 on a GPU as the paper, 16 on the CPU)")
+    b.add_argument("--device", default="auto", help="auto (CUDA if available), cpu, cuda or cuda:N")
+    b.add_argument("--amp", default="none", choices=["none", "bf16", "fp16"], help="autocast dtype (default none)")
+    b.add_argument("--channels-last", action="store_true", help="run in channels-last memory format")
     b.add_argument("--no-fold-bn", action="store_true", help="measure BC-SSL with its BN unfolded")
     b.add_argument("--compare-unfolded", action="store_true", help="also measure BC-SSL unfolded")
     b.add_argument("--kernel-size", type=int, default=None, help="kernel size for bcssl_*/convnext_t")
-    b.add_argument("--warmup", type=int, default=3)
-    b.add_argument("--iters", type=int, default=10)
-    b.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the median is reported")
-    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--warmup", type=int, default=None, help="untimed batches before the first round "
+                   "(default 3 on a GPU, 1 on the CPU)")
+    b.add_argument("--iters", type=int, default=None, help="timed batches per round (default 10 on a GPU, 3 on the CPU)")
+    b.add_argument("--repeats", type=int, default=None,
+                   help="interleaved rounds per model; the median is reported (default 3 on a GPU, 2 on the CPU)")
+    b.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     _add_common(b)
 
     p = sub.add_parser("report", help="report.md + figures (loss/lr, k-NN monitor, results, robustness, CAM) "
                        "for one run or several side by side")
-    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run directories")
     p.add_argument("--out", default=None, help="output folder (default: the run itself; required for several)")
-    p.add_argument("--title", default=None)
+    p.add_argument("--title", default=None, help="report title (default: from the run names)")
     _add_common(p)
 
     p = sub.add_parser("viz", help="visualisations")
     vsub = p.add_subparsers(dest="viz_command", metavar="VIZ")
     v = vsub.add_parser("cam", help="Grad-CAM / Eigen-CAM grid (rows = runs x methods, columns = images)")
-    v.add_argument("runs", nargs="+", metavar="RUN")
+    v.add_argument("runs", nargs="+", metavar="RUN", help="run directories (one grid row per run and method)")
     v.add_argument("--images", nargs="*", default=None,
                    help="image files or a folder (default: one test image per class from the first run's data)")
-    v.add_argument("--methods", default="gradcam,eigencam")
+    v.add_argument("--methods", default="gradcam,eigencam", help="comma-separated CAM methods (gradcam, eigencam)")
     v.add_argument("--out", default=None, help="PNG path (default: <first run>/cam.png, where `bcssl report` finds it)")
     v.add_argument("--n", type=int, default=8, help="number of default images")
     _add_common(v)
@@ -153,7 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a run's eval backbone with BN folded (safetensors, TorchScript, ONNX "
                        "or a timm ConvNeXt state dict), checked against the unfolded model")
     p.add_argument("run", help="run directory (contains config.yaml and checkpoint.pt)")
-    p.add_argument("--format", default="safetensors", choices=["safetensors", "torchscript", "onnx", "timm"])
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "torchscript", "onnx", "timm"],
+                   help="file format (default safetensors)")
     p.add_argument("--out", default=None, help="output file or folder (default: RUN/export/)")
     p.add_argument("--size", type=int, default=None,
                    help="side of the example input used to trace and check (default: the run's crops.global_size)")
@@ -187,14 +216,22 @@ def _relaunched(args) -> bool:
 
 
 def cmd_pretrain(args) -> None:
-    from bcssl.config import load_config
+    from bcssl.config import check_required, load_config
+    from bcssl.engine.trackers import check_backends
+
+    # what the config leaves open is found now, before torch is imported or a folder is made
+    cfg = load_config(args.config, args.overrides)
+    check_required(cfg)
+    check_backends(cfg.log.backends)
+    if args.dry_run:
+        _dry_run(args, cfg)
+        return
+    if _relaunched(args):
+        return
     from bcssl.engine.distributed import env_rank
     from bcssl.engine.trainer import train
     from bcssl.eval.knn import knn_monitor
 
-    if _relaunched(args):
-        return
-    cfg = load_config(args.config, args.overrides)
     result = train(cfg, knn_eval=knn_monitor(cfg)).as_dict()
     if env_rank() != 0:
         return  # rank 0 reports
@@ -205,6 +242,39 @@ def cmd_pretrain(args) -> None:
         return
     _emit(args, result, f"done: {result['run_dir']} ({result['images_seen']} images, "
                         f"{result['imgs_per_s']:.0f} img/s{knn})")
+
+
+def _dry_run(args, cfg) -> None:
+    from bcssl.config import to_yaml
+    from bcssl.engine.distributed import env_world_size
+    from bcssl.engine.trainer import run_plan
+
+    world = args.nproc or env_world_size()
+    plan = run_plan(cfg, world)
+    local = (f" / {plan['backbone_gmacs_local']:.3g} at {cfg.crops.local_size} px"
+             if plan["backbone_gmacs_local"] is not None else "")
+    lines = [to_yaml(cfg).rstrip(), "---",
+             f"run folder     {plan['run_dir']} (not created)",
+             f"images         {plan['images']} ({cfg.data.name}, split {cfg.data.split})",
+             f"crops          {plan['crops']}",
+             f"model          {cfg.model.name}: backbone {plan['backbone_params'] / 1e6:.2f} M params, "
+             f"{plan['backbone_gmacs_global']:.3g} GMACs per image at {cfg.crops.global_size} px{local}; "
+             f"{cfg.method.name} student {plan['student_params'] / 1e6:.2f} M trainable params",
+             f"processes      {world} x batch {cfg.train.batch_size} = global batch {plan['global_batch']}",
+             f"steps          {plan['steps_per_epoch']} per epoch x {plan['epochs']} epochs = {plan['total_steps']} "
+             f"({plan['warmup_steps']} warm-up)",
+             f"learning rate  {plan['lr']:.4g} (train.lr {cfg.train.lr:g} x {plan['global_batch']} / 256), "
+             f"cosine to {plan['min_lr']:g}"]
+    _emit(args, plan, "\n".join(lines))
+
+
+def cmd_config_show(args) -> None:
+    from omegaconf import OmegaConf
+
+    from bcssl.config import load_config, to_yaml
+
+    cfg = load_config(args.config, args.overrides)
+    _emit(args, {"config": OmegaConf.to_container(cfg, resolve=True)}, to_yaml(cfg).rstrip())
 
 
 def _without_option(argv: list[str], option: str) -> list[str]:
@@ -284,10 +354,17 @@ def cmd_bench_throughput(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    rows = benchmark(args.models.split(","), resolution=args.resolution, batch_size=args.batch,
-                     device=resolve_device(args.device), amp=args.amp, channels_last=args.channels_last,
-                     fold_bn=not args.no_fold_bn, compare_unfolded=args.compare_unfolded, warmup=args.warmup,
-                     iters=args.iters, repeats=args.repeats, kernel_size=args.kernel_size)
+    device = resolve_device(args.device)
+    gpu = device.type == "cuda"
+
+    def default(value, on_gpu, on_cpu):  # the paper's GPU setting; a CPU run that ends in minutes
+        return value if value is not None else (on_gpu if gpu else on_cpu)
+
+    rows = benchmark(args.models.split(","), resolution=args.resolution, batch_size=default(args.batch, 64, 16),
+                     device=device, amp=args.amp, channels_last=args.channels_last,
+                     fold_bn=not args.no_fold_bn, compare_unfolded=args.compare_unfolded,
+                     warmup=default(args.warmup, 3, 1), iters=default(args.iters, 10, 3),
+                     repeats=default(args.repeats, 3, 2), kernel_size=args.kernel_size, progress=not args.json)
     _emit(args, {"rows": rows}, format_table(rows))
 
 
@@ -364,6 +441,7 @@ def cmd_presets(args) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    _Parser.json_errors = "--json" in (sys.argv[1:] if argv is None else argv)
     # argparse stops filling a positional list at the first option; KEY=VALUE overrides after an
     # option (`bcssl eval knn RUN --json eval.knn_k=10`) are taken back into the list, in order.
     args, extra = parser.parse_known_args(argv)
@@ -373,16 +451,19 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         args.overrides += extra
     args.argv = list(sys.argv[1:] if argv is None else argv)
-    if args.command is None or (args.command == "eval" and args.eval_command is None) or \
-            (args.command == "bench" and args.bench_command is None) or \
-            (args.command == "viz" and args.viz_command is None):
+    if args.command is None:
         parser.print_help()
+        return 2
+    if args.command in _GROUPS and getattr(args, f"{args.command}_command", None) is None:
+        # a group without its subcommand: that group's help, which lists the subcommands
+        _subparser(parser, args.command).print_help()
         return 2
     logging.basicConfig(level=logging.INFO, format="[bcssl] %(message)s")
     if not sys.stderr.isatty():  # logs and CI: a progress line every 30 s, not every 0.1 s
         os.environ.setdefault("TQDM_MININTERVAL", "30")
     handler = {"pretrain": cmd_pretrain, "demo": cmd_demo, "presets": cmd_presets, "report": cmd_report,
                "sweep": cmd_sweep, "export": cmd_export,
+               "config": {"show": cmd_config_show}.get(getattr(args, "config_command", None)),
                "viz": {"cam": cmd_viz_cam}.get(getattr(args, "viz_command", None)),
                "bench": {"throughput": cmd_bench_throughput}.get(getattr(args, "bench_command", None)),
                "eval": {"knn": cmd_eval_knn, "linear": cmd_eval_linear,
@@ -396,16 +477,33 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug or not _is_user_error(e):
             raise
         print(f"bcssl: error: {e}", file=sys.stderr)
+        if getattr(args, "json", False):  # scripts reading the last stdout line get the error there
+            print(json.dumps({"error": str(e), "kind": type(e).__name__}), flush=True)
         return 1
     return 0
 
 
+#: commands that only group subcommands (``dest`` of their subparsers is ``<group>_command``)
+_GROUPS = ("eval", "bench", "viz", "config")
+
+
+def _subparser(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and name in action.choices:
+            return action.choices[name]
+    raise KeyError(name)
+
+
 def _is_user_error(e: Exception) -> bool:
     from bcssl.config import ConfigError
-    from bcssl.engine.checkpoint import CheckpointError
-    from bcssl.engine.runtime import TrainingError
 
-    return isinstance(e, (ConfigError, CheckpointError, TrainingError, FileNotFoundError, ValueError))
+    kinds = [ConfigError, FileNotFoundError, ValueError]
+    # the engine's errors, when their modules were imported at all (if not, e cannot be one of them,
+    # and a config error stays fast: no torch import just to classify it)
+    for module, name in (("bcssl.engine.checkpoint", "CheckpointError"), ("bcssl.engine.runtime", "TrainingError")):
+        if module in sys.modules:
+            kinds.append(getattr(sys.modules[module], name))
+    return isinstance(e, tuple(kinds))
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def tiny_config(tmp_path, data_root, *extra):
         f"run.dir={tmp_path / 'runs'}", "run.name=tiny", f"data.root={data_root}", "data.workers=0",
         *TINY_MODEL, *TINY_HEAD, *TINY_CROPS,
         "train.epochs=2", "train.batch_size=16", "train.warmup_epochs=1", "train.progress=false",
-        "train.channels_last=false", "train.log_every_steps=1", "log.tensorboard=false",
+        "train.channels_last=false", "train.log_every_steps=1", "log.backends=[csv]",
         "method.warmup_teacher_temp_epochs=1", "eval.knn_every=0", "eval.batch_size=32", "threads=1",
         *extra])
 

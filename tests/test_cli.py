@@ -8,7 +8,7 @@ import pytest
 from bcssl.cli import main
 from tests.conftest import TINY_CROPS, TINY_HEAD, TINY_MODEL
 
-FAST = ["train.epochs=1", "train.batch_size=16", "train.progress=false", "log.tensorboard=false",
+FAST = ["train.epochs=1", "train.batch_size=16", "train.progress=false", "log.backends=[csv]",
         "data.workers=0", "threads=1", "eval.batch_size=64", *TINY_MODEL, *TINY_HEAD, *TINY_CROPS]
 
 
@@ -137,3 +137,71 @@ def test_every_eval_command_on_a_tiny_image_folder(tmp_path, capsys):
     assert last_json(capsys.readouterr().out)["n_images"] == 8
     assert main(["report", r]) == 0
     assert (tmp_path / "if" / "figures" / "loss.png").exists()
+
+
+def test_config_show_prints_the_resolved_yaml(capsys):
+    assert main(["config", "show", "imagenet_bcssl_t_300ep", "train.lr=1e-3"]) == 0
+    out = capsys.readouterr().out
+    train_section = out[out.index("\ntrain:"):]
+    assert "  lr: 0.001\n" in train_section and "  epochs: 300\n" in train_section
+
+
+def test_missing_required_key_fails_fast_without_a_folder(tmp_path):
+    """An ImageFolder preset with no data.root: one line, before torch is imported, no folder made."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "bcssl", "pretrain", "--config",
+                           "imagenet_bcssl_t_300ep", f"run.dir={tmp_path}/runs", "--json"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert errors == ["bcssl: error: data.root is not set: data.name=image_folder needs the image folder, e.g. "
+                      "data.root=/data/imagenet (with train/ and val/ class folders)"]
+    assert last_json(proc.stdout) == {"error": errors[0][len("bcssl: error: "):], "kind": "ConfigError"}
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "torch" not in imported  # (the 2 s bound of the check is then only Python + OmegaConf)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_dry_run_plans_without_creating_anything(tmp_path, tiny_fmnist, capsys):
+    args = ["pretrain", "--config", "demo_fmnist", f"data.root={tiny_fmnist}", f"run.dir={tmp_path}/runs", *FAST]
+    assert main([*args, "--dry-run", "--json"]) == 0
+    plan = last_json(capsys.readouterr().out)
+    assert plan["images"] == 64 and plan["global_batch"] == 16 and plan["steps_per_epoch"] == 4
+    assert plan["lr"] == pytest.approx(1e-3 * 16 / 256)  # the preset's train.lr scaled to the global batch
+    assert plan["backbone_params"] > 0 and plan["backbone_gmacs_global"] > plan["backbone_gmacs_local"] > 0
+    assert main([*args, "--dry-run", "--nproc", "4"]) == 0  # the plan of 4 processes, none started
+    assert "global batch 64" in capsys.readouterr().out
+    assert not (tmp_path / "runs").exists()
+
+
+def test_group_without_subcommand_lists_its_subcommands(capsys):
+    for group, sub in (("eval", "knn"), ("viz", "cam"), ("bench", "throughput"), ("config", "show")):
+        assert main([group]) == 2
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: bcssl {group}") and sub in out
+
+
+def test_json_errors_and_hydra_style_overrides(capsys):
+    assert main(["pretrain", "--config", "demo_fmnist", "+train.lr=1", "--json"]) == 1
+    captured = capsys.readouterr()
+    assert "bcssl overrides only existing keys" in captured.err and "train.lr=VALUE" in captured.err
+    assert last_json(captured.out)["kind"] == "ConfigError"
+    assert main(["pretrain", "--config", "demo_fmnist", "~model.depths", "--json"]) == 1
+    assert "model.depths=null" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "knn", "--json"])  # usage error: the run is missing
+    assert exc.value.code == 2 and last_json(capsys.readouterr().out)["kind"] == "UsageError"
+
+
+def test_every_argument_has_help():
+    from bcssl.cli import build_parser
+
+    def walk(parser, path):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from walk(sub, f"{path} {name}")
+            elif action.help is None:
+                yield f"{path}: {'/'.join(action.option_strings) or action.dest}"
+
+    import argparse
+    assert list(walk(build_parser(), "bcssl")) == []

@@ -9,7 +9,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from bcssl.config.schema import AMP_MODES, Config
+from bcssl.config.schema import AMP_MODES, LOG_BACKENDS, Config, ModelConfig
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -61,11 +61,20 @@ def valid_keys() -> list[str]:
     return _VALID_KEYS
 
 
+#: keys that were renamed or replaced, with what to write instead
+RENAMED_KEYS = {
+    "log.tensorboard": "log.backends (a list: log.backends=[tensorboard,csv]; log.backends=[csv] turns "
+                       "TensorBoard off)",
+}
+
+
 def _check_keys(keys: Iterable[str], source: str) -> None:
     valid = set(valid_keys())
     for key in keys:
         if key in valid:
             continue
+        if key in RENAMED_KEYS:
+            raise ConfigError(f"config key '{key}' in {source} was replaced by {RENAMED_KEYS[key]}")
         close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown config key '{key}' in {source}.{hint}")
@@ -90,9 +99,41 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
 
 def _parse_overrides(overrides: Sequence[str]) -> dict:
     for o in overrides:
+        if o.startswith(("+", "~")):
+            # Hydra's syntax for adding / deleting keys: every bcssl key exists in the schema
+            key = o[1:].split("=", 1)[0]
+            how = f"{key}=null to reset it" if o.startswith("~") else f"{key}=VALUE to set it"
+            raise ConfigError(f"override '{o}': bcssl overrides only existing keys, and every key always exists "
+                              f"(with its default); write {how}")
         if "=" not in o:
             raise ConfigError(f"override '{o}' is not of the form key=value (e.g. train.epochs=10)")
-    return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+    try:
+        return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"cannot parse the overrides {' '.join(overrides)}: {str(e).splitlines()[0]}") from None
+
+
+#: model.* keys that only some backbones take: when the command line changes model.name, the values a
+#: preset gave them (for its own model) are dropped, so the new model starts from its own defaults
+MODEL_SPECIFIC_KEYS = ("kernel_size", "dw_norm", "stem_stride", "depths", "dims", "random_patch_projection")
+
+
+def _follow_model_name(layers: list[dict], overrides: dict) -> list[str]:
+    """When ``overrides`` set ``model.name`` to another model than the preset's, remove the preset's
+    model-specific keys that the overrides do not set themselves. Returns the removed keys."""
+    new_name = (overrides.get("model") or {}).get("name")
+    if new_name is None:
+        return []
+    dropped = []
+    for layer in layers:
+        model = layer.get("model") or {}
+        if model.get("name", ModelConfig.name) == new_name:
+            continue
+        for key in MODEL_SPECIFIC_KEYS:
+            if key in model and key not in overrides["model"]:
+                del model[key]
+                dropped.append(f"model.{key}")
+    return sorted(set(dropped))
 
 
 def load_config(preset_or_yaml: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
@@ -106,6 +147,7 @@ def load_config(preset_or_yaml: str | None = None, overrides: Sequence[str] = ()
         layers.append(layer)
     ov = _parse_overrides(overrides)
     _check_keys(_flat_keys(ov), "the command-line overrides")
+    _follow_model_name(layers, ov)
     layers.append(ov)
     try:
         for layer in layers:
@@ -136,8 +178,18 @@ def _validate(cfg: DictConfig) -> None:
          f"detection.amp must be none, bf16 or fp16, got '{cfg.detection.amp}'")
     need(cfg.detection.batch_size >= 1 and cfg.detection.epochs >= 1,
          "detection.batch_size and detection.epochs must be >= 1")
+    bad = [b for b in cfg.log.backends if b not in LOG_BACKENDS]
+    need(not bad, f"log.backends: unknown backend(s) {', '.join(map(str, bad))}; valid: {', '.join(LOG_BACKENDS)}")
     need(cfg.eval.encoder in ("auto", "student", "teacher"),
          f"eval.encoder must be auto, student or teacher, got '{cfg.eval.encoder}'")
+
+
+def check_required(cfg: DictConfig) -> None:
+    """What a run needs that a config may leave open (``bcssl config show`` prints such configs;
+    ``pretrain`` refuses them before importing torch or creating the run folder)."""
+    if cfg.data.name == "image_folder" and not cfg.data.root:
+        raise ConfigError("data.root is not set: data.name=image_folder needs the image folder, e.g. "
+                          "data.root=/data/imagenet (with train/ and val/ class folders)")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -10,6 +10,8 @@ from typing import Any, List, Optional
 
 #: mixed-precision modes a config may name (``train.amp``, ``detection.amp``); engine/amp.py applies them
 AMP_MODES = ("none", "bf16", "fp16")
+#: experiment trackers ``log.backends`` may name (engine/trackers.py); wandb and mlflow are extras
+LOG_BACKENDS = ("tensorboard", "csv", "wandb", "mlflow")
 
 
 @dataclass
@@ -180,7 +182,13 @@ class DetectionConfig:
 
 @dataclass
 class LogConfig:
-    tensorboard: bool = True
+    """Where metrics go besides metrics.jsonl (bcssl/engine/trackers.py)."""
+    backends: List[str] = field(default_factory=lambda: ["tensorboard", "csv"])  # + wandb, mlflow (extras)
+    wandb_project: str = "bcssl"
+    wandb_entity: Optional[str] = None
+    wandb_mode: Optional[str] = None  # online | offline; None: $WANDB_MODE, else online when logged in, else offline
+    mlflow_uri: Optional[str] = None  # tracking URI; None: the local file store <run.dir>/mlruns
+    mlflow_experiment: str = "bcssl"
 
 
 @dataclass

@@ -43,13 +43,14 @@ def _clean(v: Any) -> Any:
 
 
 class MetricsLog:
-    """``metrics.jsonl``: one JSON object per line, each with a ``kind`` and the ``step``.
+    """``metrics.jsonl``: one JSON object per line, each with a ``kind`` and the ``step``; every
+    record also goes to the ``trackers`` (``bcssl.engine.trackers``: TensorBoard, CSV, W&B, MLflow).
 
     On resume, records written after the checkpoint's step (by the killed run) are dropped, so
     the log describes exactly one history.
     """
 
-    def __init__(self, path: Path, resume_step: int | None = None, tensorboard_dir: Path | None = None):
+    def __init__(self, path: Path, resume_step: int | None = None, trackers: list | None = None):
         self.path = Path(path)
         if resume_step is None:
             self.path.write_text("")
@@ -57,27 +58,25 @@ class MetricsLog:
             kept = [line for line in self.path.read_text().splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        self._tb = None
-        if tensorboard_dir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                self._tb = SummaryWriter(str(tensorboard_dir))
-            except ImportError:  # TensorBoard is optional at run time
-                self._tb = None
+        self.trackers = list(trackers or [])
 
     def write(self, kind: str, step: int, **values: Any) -> dict:
         record = {"kind": kind, "step": step, **{k: _clean(v) for k, v in values.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        if self._tb is not None:
-            for k, v in record.items():
-                if isinstance(v, (int, float)) and k != "step":
-                    self._tb.add_scalar(f"{kind}/{k}", v, step)
+        for t in self.trackers:
+            t.log(kind, step, {k: v for k, v in record.items() if k not in ("kind", "step")})
         return record
 
+    def summary(self, step: int, **values: Any) -> None:
+        """The run's final results: one ``result`` record, and each tracker's summary."""
+        record = self.write("result", step, **values)
+        for t in self.trackers:
+            t.summary({k: v for k, v in record.items() if k not in ("kind", "step")})
+
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
+        for t in self.trackers:
+            t.close()
 
 
 def read_metrics(run_dir: str | os.PathLike) -> list[dict]:

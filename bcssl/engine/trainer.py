@@ -25,6 +25,7 @@ from bcssl.engine.optim import build_optimizer
 from bcssl.engine.run_dir import MetricsLog, run_dir_of, save_config
 from bcssl.engine.runtime import TrainingError, build_method, param_groups, step_seed
 from bcssl.engine.schedules import cosine_schedule
+from bcssl.engine.trackers import open_trackers
 from bcssl.methods import SSLMethod
 
 log = logging.getLogger("bcssl")
@@ -103,6 +104,9 @@ class _NoMetrics:
     def write(self, *args, **kwargs) -> None:
         pass
 
+    def summary(self, *args, **kwargs) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -128,6 +132,36 @@ def train(cfg: DictConfig, *, knn_eval=None) -> TrainResult:
             ddp.shutdown_distributed()
 
 
+def scaled_lr(cfg: DictConfig, world_size: int) -> float:
+    """``train.lr`` at the global batch: ``lr * batch_size * world_size / 256`` (DINO's linear scaling rule)."""
+    return cfg.train.lr * cfg.train.batch_size * world_size / 256
+
+
+def run_plan(cfg: DictConfig, world_size: int = 1) -> dict:
+    """What ``train(cfg)`` on ``world_size`` processes would do, without doing it (``pretrain
+    --dry-run``): images, steps, global batch, learning rate, and the model's size (parameters of
+    the student and of the backbone, backbone MACs per image at the global and local crop sizes)."""
+    from bcssl.models.complexity import count_macs, count_params
+
+    dataset = build_dataset(cfg.data.name, root=cfg.data.root, split=cfg.data.split, download=cfg.data.download,
+                            load_size=cfg.data.load_size)
+    loader = BatchLoader(dataset, cfg.train.batch_size, seed=cfg.seed, limit=cfg.data.limit, world_size=world_size)
+    steps = len(loader)
+    torch.manual_seed(cfg.seed)
+    method = build_method(cfg)
+    backbone = method.eval_backbone("student")
+    c = cfg.crops
+    return {"run_dir": str(run_dir_of(cfg)), "images": loader.num_items, "world_size": world_size,
+            "global_batch": loader.global_batch_size, "steps_per_epoch": steps, "epochs": cfg.train.epochs,
+            "total_steps": steps * cfg.train.epochs, "warmup_steps": min(cfg.train.warmup_epochs, cfg.train.epochs) * steps,
+            "lr": scaled_lr(cfg, world_size), "min_lr": cfg.train.min_lr,
+            "student_params": count_params(method.student, trainable_only=True),
+            "backbone_params": count_params(backbone),
+            "backbone_gmacs_global": count_macs(backbone, c.global_size) / 1e9,
+            "backbone_gmacs_local": count_macs(backbone, c.local_size) / 1e9 if c.n_local else None,
+            "crops": f"{2} x {c.global_size} px + {c.n_local} x {c.local_size} px"}
+
+
 def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, preempt: PreemptionFlag) -> TrainResult:
     run_dir = run_dir_of(cfg)
     if dist.is_main:
@@ -144,8 +178,7 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
                             f"batch of train.batch_size={cfg.train.batch_size} x {dist.world_size} processes")
     epochs = cfg.train.epochs
     total_steps = steps_per_epoch * epochs
-    global_batch = cfg.train.batch_size * dist.world_size
-    base_lr = cfg.train.lr * global_batch / 256  # DINO's linear scaling rule
+    base_lr = scaled_lr(cfg, dist.world_size)
     warmup_steps = min(cfg.train.warmup_epochs * steps_per_epoch, total_steps)
 
     torch.manual_seed(cfg.seed)  # model initialisation
@@ -192,8 +225,9 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
         log.info("resuming %s at step %d/%d", run_dir, start_step, total_steps)
     if dist.is_main:
         save_config(cfg, run_dir)
-        metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step if resume_path else None,
-                             tensorboard_dir=run_dir / "tb" if cfg.log.tensorboard else None)
+        resume_step = start_step if resume_path else None
+        metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step,
+                             trackers=open_trackers(cfg, run_dir, resume_step))
     else:
         metrics = _NoMetrics()
 
@@ -324,7 +358,10 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
         skipped = int(ddp.all_reduce_sum(torch.tensor(skipped, device=device)).item())
     if skipped:
         metrics.write("data", step, skipped_images=skipped)
+    result = TrainResult(run_dir=str(run_dir), epochs=epochs, images_seen=images_seen, train_s=train_s,
+                         imgs_per_s=images_seen / max(train_s, 1e-9), knn_top1=knn_top1,
+                         nonfinite_steps=nonfinite_total, preempted=stopped_by, world_size=dist.world_size)
+    if not stopped_by:
+        metrics.summary(step, **{k: v for k, v in result.as_dict().items() if k not in ("run_dir", "preempted")})
     metrics.close()
-    return TrainResult(run_dir=str(run_dir), epochs=epochs, images_seen=images_seen, train_s=train_s,
-                       imgs_per_s=images_seen / max(train_s, 1e-9), knn_top1=knn_top1,
-                       nonfinite_steps=nonfinite_total, preempted=stopped_by, world_size=dist.world_size)
+    return result

@@ -58,3 +58,16 @@ def test_yaml_file_with_unknown_key(tmp_path):
 def test_presets_listed():
     assert {"demo_fmnist", "demo_fmnist_long", "imagenet_bcssl_t_100ep", "imagenet_bcssl_t_300ep",
             "imagenet_bcssl_s_300ep"} <= set(list_presets())
+
+
+def test_switching_the_model_drops_the_presets_model_specific_keys():
+    """demo_fmnist sets BC-SSL keys (depths, dims, kernel, dw_norm, stem stride); with model.name=vit_s16 they
+    go, and keys given on the command line stay."""
+    cfg = load_config("demo_fmnist", ["model.name=vit_s16"])
+    assert cfg.model.depths is None and cfg.model.dims is None and cfg.model.kernel_size is None
+    assert cfg.model.dw_norm is None and cfg.model.stem_stride == 4
+    assert cfg.model.drop_path_rate == 0.0  # not model-specific: the preset's value stays
+    cfg = load_config("demo_fmnist", ["model.name=convnext_t", "model.kernel_size=5"])
+    assert cfg.model.kernel_size == 5 and cfg.model.depths is None
+    cfg = load_config("demo_fmnist", ["model.name=bcssl_atto"])  # the preset's own model: nothing dropped
+    assert list(cfg.model.depths) == [1, 1, 3, 1] and cfg.model.stem_stride == 2

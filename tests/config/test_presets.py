@@ -25,7 +25,7 @@ def test_paper_preset_two_steps(tmp_path, fake_imagenet, preset, model):
     cfg = load_config(preset, [f"data.root={fake_imagenet}", f"run.dir={tmp_path}/runs", "data.workers=0",
                                "data.load_size=64", "crops.global_size=64", "crops.local_size=32",
                                "crops.n_local=2", "train.batch_size=2", "train.epochs=1", "train.amp=none",
-                               "train.progress=false", "log.tensorboard=false", "threads=2",
+                               "train.progress=false", "log.backends=[csv]", "threads=2",
                                "train.log_every_steps=1"])
     # the recipe itself is untouched
     assert cfg.model.name == model and cfg.model.kernel_size == 9 and cfg.model.dw_norm == "bn+ln"

@@ -63,7 +63,7 @@ def test_sigkill_mid_epoch_then_resume_gives_identical_weights(tmp_path, tiny_fm
 
 
 def test_run_dir_contents_and_rerun_of_finished_run(tmp_path, tiny_fmnist):
-    cfg = tiny_config(tmp_path, tiny_fmnist, "log.tensorboard=true", "train.epochs=1")
+    cfg = tiny_config(tmp_path, tiny_fmnist, "log.backends=[tensorboard,csv]", "train.epochs=1")
     res = train(cfg)
     run = tmp_path / "runs" / "tiny"
     assert (run / "config.yaml").exists() and (run / "checkpoint.pt").exists()
