@@ -34,7 +34,7 @@ def clusters(n_per_class=40, C=5, D=16, seed=0, offset=0.0, scale=1.0):
 def test_defaults_are_the_paper_recipe():
     lc = load_config().linear
     assert (lc.epochs, lc.lr, lc.batch_size, lc.momentum, lc.weight_decay) == (100, 0.001, 256, 0.9, 0.0)
-    assert lc.augment is False and lc.normalize_features is False and list(lc.crop_scale) == [0.08, 1.0]
+    assert lc.protocol == "auto" and lc.normalize_features is False and list(lc.crop_scale) == [0.08, 1.0]
     layer = make_classifier(512, 1000)
     assert layer.bias.abs().max() == 0 and abs(layer.weight.std().item() - 0.01) < 5e-4
 
@@ -149,9 +149,10 @@ def test_linear_probe_on_a_trained_run(tiny_run):
 
     again = linear_probe(run, ["linear.epochs=5", "linear.batch_size=16"], progress=False)
     assert again["linear_top1"] == res["linear_top1"]  # cached features, seeded order: identical
-    aug = linear_probe(run, ["linear.epochs=1", "linear.batch_size=16", "linear.augment=true",
+    assert saved["protocol"] == "cached_features"  # auto on an in-memory set
+    aug = linear_probe(run, ["linear.epochs=1", "linear.batch_size=16", "linear.protocol=dino_eval_linear",
                              "linear.normalize_features=true"], progress=False)
-    assert aug["augment"] is True and 0 <= aug["linear_top1"] <= 100
+    assert aug["augment"] is True and aug["protocol"] == "dino_eval_linear" and 0 <= aug["linear_top1"] <= 100
     assert load_linear_classifier(run).weight.shape == (10, 64)
 
 
