@@ -594,6 +594,15 @@ def _robustness_section(runs: Sequence[RunData]) -> list[str]:
     lines += ["Errors / top-1 in %; mCE: mean corruption error relative to AlexNet (ImageNet-C only); "
               "lower error and mCE are better, higher ImageNet-A/-R/-Sketch top-1 is better.", ""]
     lines += _table(header, table) + [""]
+    from bcssl.eval.robustness import _BENCHMARK_NAMES
+
+    for r, _ in per_run:  # how many images each number rests on, and whether a subset
+        results = r.robustness.values() if "benchmark" not in r.robustness else [r.robustness]
+        sizes = [f"{_BENCHMARK_NAMES.get(v.get('benchmark'), v.get('benchmark'))}: {_int(v.get('n_images'))} images"
+                 + (f" ({v['images']})" if v.get("images") else "") for v in results if isinstance(v, dict)]
+        if sizes:
+            lines.append(f"- {r.name}: " + "; ".join(sizes))
+    lines.append("")
     for r, rows in per_run:
         corr = [row for row in rows if row["benchmark"] not in _FOLDER_BENCHMARKS]
         if not corr:
