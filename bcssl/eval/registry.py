@@ -39,6 +39,7 @@ REGISTRY: tuple[Entry, ...] = (
     Entry("throughput", "bcssl.eval.throughput", "forward images/s, parameters and MACs of the run's backbone "
           "(BN folded; per model, not per checkpoint)"),
     Entry("cam", "bcssl.eval.cam", "Grad-CAM / Eigen-CAM grid of the run on one image per class"),
+    Entry("embedding", "bcssl.eval.embedding", "2-D t-SNE of the eval features: a scatter coloured by class + coordinates"),
 )
 
 
