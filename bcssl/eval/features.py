@@ -55,12 +55,13 @@ def eval_preprocess(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
 def extract_features(backbone: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
                      size: int, mean, std, device: torch.device | str = "cpu", amp: str = "none",
                      channels_last: bool = False, total: int | None = None, desc: str = "features",
-                     progress: bool = True, forward: Callable[[torch.Tensor], torch.Tensor] | None = None
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+                     progress: bool = True, forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     allow_empty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``backbone`` in eval mode over uint8 ``(images, labels)`` batches; returns float32
     features (N, D) and labels (N,) on the CPU. The backbone's train/eval mode is restored.
     ``forward``: what to compute from the preprocessed batch (default ``backbone`` itself; the
-    linear probe passes ``backbone.linear_features``)."""
+    linear probe passes ``backbone.linear_features``). No readable image is a ValueError, or empty
+    tensors with ``allow_empty`` (one process's shard: the others may have some)."""
     device = torch.device(device)
     was_training = backbone.training
     backbone.eval()
@@ -78,6 +79,8 @@ def extract_features(backbone: nn.Module, batches: Iterable[tuple[torch.Tensor, 
     finally:
         backbone.train(was_training)
     if not feats:
+        if allow_empty:
+            return torch.empty(0), torch.empty(0, dtype=torch.long)
         raise ValueError("no images to extract features from")
     return torch.cat(feats), torch.cat(labels)
 
@@ -148,12 +151,8 @@ def extract_dataset_features(backbone: nn.Module, dataset, *, batch_size: int, l
         device = torch.device(extract_kw.get("device", "cpu"))
         loader = BatchLoader(part, batch_size, shuffle=False, drop_last=False, workers=workers,
                              pin_memory=device.type == "cuda")
-        try:
-            feats, labels = extract_features(backbone, loader.epoch(0), total=len(loader), desc=desc,
-                                             progress=progress and rank == 0, **extract_kw)
-        except ValueError:  # every image of this shard unreadable: the others may still have some
-            if world == 1:
-                raise
+        feats, labels = extract_features(backbone, loader.epoch(0), total=len(loader), desc=desc,
+                                         progress=progress and rank == 0, allow_empty=world > 1, **extract_kw)
     if world > 1:
         feats, labels = ddp.all_gather_uneven(feats), ddp.all_gather_uneven(labels)
         if feats.numel() == 0:
