@@ -147,24 +147,30 @@ class Sweep:
         log.info("sweep [%d/%d]: %s", combo.index + 1, len(self.combinations), combo.name)
         t0 = time.perf_counter()
         trained = train(cfg, knn_eval=knn_monitor(cfg))
-        if train_only or env_rank() != 0:
+        if train_only:
+            return None
+        values = self.evaluate(combo, progress=progress)  # every process: k-NN and the probe shard the work
+        if env_rank() != 0:
             return None
         result = {"name": combo.name, "index": combo.index, "assignments": dict(combo.assignments),
                   "seed": combo.seed, "run_dir": str(self.run_dir(combo)), "train_s": trained.train_s,
                   "imgs_per_s": trained.imgs_per_s, "epochs": trained.epochs, "images_seen": trained.images_seen}
-        result.update(self.evaluate(combo, progress=progress))
+        result.update(values)
         result["wall_s"] = time.perf_counter() - t0
         write_json(self.run_dir(combo) / RESULT, result)
         return result
 
     def evaluate(self, combo: Combination, progress: bool = True) -> dict:
         """Every evaluation of ``--evals`` (and what they require, first) on the run; the values
-        each keeps for the summary (:meth:`~bcssl.eval.registry.Evaluation.sweep_values`)."""
+        each keeps for the summary (:meth:`~bcssl.eval.registry.Evaluation.sweep_values`; rank 0)."""
         from bcssl.eval.registry import in_order
 
-        run, out = self.run_dir(combo), {}
+        run, out, main = self.run_dir(combo), {}, env_rank() == 0
         for ev in in_order(self.evals):
-            out.update(ev.sweep_values(ev.run(run, progress=progress)))
+            if ev.distributed or main:  # under torchrun the others run on rank 0 alone
+                result = ev.run(run, progress=progress)
+                if main:
+                    out.update(ev.sweep_values(result))
         if "corruption_error" in out and "clean_error" not in out and "linear_top1" in out:
             out["clean_error"] = 100 - out["linear_top1"]  # released ImageNet-C has no clean images
         return out
