@@ -17,7 +17,9 @@ EPILOG = """examples:
   bcssl pretrain --config demo_fmnist train.epochs=2
   bcssl pretrain --config imagenet_bcssl_t_300ep data.root=/data/imagenet
   bcssl pretrain --nproc 8 --config imagenet_bcssl_t_300ep data.root=/data/imagenet   # 8 GPUs (torchrun)
+  bcssl eval --help                                 # every evaluation, one line each
   bcssl eval knn runs/demo
+  bcssl eval knn RUN --nproc 8                       # each process encodes its shard
   bcssl eval linear runs/demo
   bcssl eval robustness runs/demo --limit 500
   bcssl eval detection runs/imagenet_bcssl_t_300ep detection.root=/data/coco --nproc 8
@@ -49,7 +51,40 @@ class _Parser(argparse.ArgumentParser):
         super().error(message)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _chosen_eval(argv: list[str] | None) -> str | None:
+    """``NAME`` of ``bcssl eval NAME ...``: only that evaluation's module is imported to add its options."""
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    return words[1] if len(words) > 1 and words[0] == "eval" else None
+
+
+def _add_eval_parsers(sub, argv: list[str] | None) -> None:
+    from bcssl.eval.registry import REGISTRY, get
+
+    width = max(len(e.name) for e in REGISTRY)
+    listing = "\n".join(f"  {e.name:{width}s}  {e.help}" for e in REGISTRY)
+    p = sub.add_parser("eval", help="evaluate a run: " + ", ".join(e.name for e in REGISTRY),
+                       description=f"Evaluate a run; each writes RUN/<name>.json.\n\nevaluations:\n{listing}",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    esub = p.add_subparsers(dest="eval_command", metavar="EVALUATION")
+    chosen = _chosen_eval(argv)
+    for e in REGISTRY:
+        ep = esub.add_parser(e.name, description=e.help)  # listed once, one line each, in the description
+        ep.add_argument("run", help="run directory (contains config.yaml and checkpoint.pt)")
+        ep.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="config overrides on top of the run's config.yaml, e.g. device=cpu eval.batch_size=128")
+        if e.name == chosen:
+            ev = get(e.name)
+            before = {a.dest for a in ep._actions}
+            ev.add_arguments(ep)
+            ep.set_defaults(eval_options=[a.dest for a in ep._actions if a.dest not in before])
+            if ev.distributed:
+                ep.add_argument("--nproc", type=int, default=None,
+                                help="processes on this machine (one per GPU): reruns the command under "
+                                     "`torchrun --standalone --nproc_per_node=N`")
+        _add_common(ep)
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     parser = _Parser(prog="bcssl", description="Self-supervised pre-training of large-kernel CNNs "
                                      "(BC-SSL) with DINO.", epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -82,41 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. threads=2")
     _add_common(p)
 
-    p = sub.add_parser("eval", help="evaluate a run")
-    esub = p.add_subparsers(dest="eval_command", metavar="EVALUATION")
-    e = esub.add_parser("knn", help="weighted k-NN (DINO protocol) of the run's eval backbone")
-    e.add_argument("run", help="run directory (contains config.yaml and checkpoint.pt)")
-    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="e.g. eval.knn_k=10 device=cpu data.root=...")
-    _add_common(e)
-
-    e = esub.add_parser("linear", help="linear probe on frozen features (PAPER.md recipe: SGD, lr 0.001, cosine, "
-                        "100 epochs); saves the classifier for robustness evaluation")
-    e.add_argument("run", help="run directory (contains config.yaml and checkpoint.pt)")
-    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. linear.epochs=20 linear.augment=true")
-    _add_common(e)
-    e = esub.add_parser("robustness", help="corruption robustness (ImageNet-C style, any dataset) or a released "
-                        "ImageNet-C/-A/-R/-Sketch folder, with the run's linear probe")
-    e.add_argument("run", help="run directory (contains config.yaml and checkpoint.pt)")
-    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. device=cpu")
-    e.add_argument("--folder", help="a released ImageNet-C/-A/-R/-Sketch folder (class folders named by wnid)")
-    e.add_argument("--kind", choices=["imagenet_c", "imagenet_a", "imagenet_r", "imagenet_sketch"],
-                   help="which released benchmark --folder holds")
-    e.add_argument("--limit", type=int, default=1000,
-                   help="images per evaluation (default 1000; 0 = all; on-the-fly corruption costs ~3 ms "
-                        "per image and cell at 32 px, 75 cells)")
-    e.add_argument("--corruptions", default=None, help="comma-separated subset of the 15 (default: all)")
-    e.add_argument("--severities", default="1,2,3,4,5", help="comma-separated severities (default: all five)")
-    _add_common(e)
-    e = esub.add_parser("detection", help="Mask R-CNN + FPN fine-tuned from the run's backbone on COCO-format data "
-                        "(3x recipe, PAPER.md Table 4): box and mask AP; resumes")
-    e.add_argument("run", help="run directory; fine-tuning checkpoints go to RUN/detection/, results to "
-                   "RUN/detection.json")
-    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
-                   help="detection.root=/data/coco (train2017/, val2017/, annotations/), detection.epochs=12 ...")
-    e.add_argument("--nproc", type=int, default=None, help="processes on this machine (one per GPU), via torchrun; "
-                   "detection.batch_size is the total over them")
-    _add_common(e)
+    _add_eval_parsers(sub, argv)
 
     p = sub.add_parser("bench", help="benchmarks")
     bsub = p.add_subparsers(dest="bench_command", metavar="BENCHMARK")
@@ -301,49 +302,23 @@ def cmd_demo(args) -> None:
                     f"({s['wall_s']:.0f} s); report: {s['run_dir']}/report.md"))
 
 
-def cmd_eval_knn(args) -> None:
-    from bcssl.eval.knn import knn_of_run
-
-    r = knn_of_run(args.run, args.overrides)
-    _emit(args, r, f"k-NN (k={r['k']}) top-1 {r['knn_top1']:.2f}%, top-5 {r['knn_top5']:.2f}%")
-
-
-def cmd_eval_linear(args) -> None:
-    from bcssl.eval.linear import linear_probe
-
-    r = linear_probe(args.run, args.overrides)
-    _emit(args, r, f"linear probe top-1 {r['linear_top1']:.2f}%, top-5 {r['linear_top5']:.2f}% "
-                   f"({r['epochs']} epochs, {r['train_s']:.0f} s); classifier: {args.run}/linear.safetensors")
-
-
-def cmd_eval_robustness(args) -> None:
-    from bcssl.eval.robustness import CORRUPTIONS, evaluate_run, robustness_report_rows
-
-    corruptions = args.corruptions.split(",") if args.corruptions else CORRUPTIONS
-    severities = [int(s) for s in args.severities.split(",")]
-    r = evaluate_run(args.run, args.overrides, folder=args.folder, kind=args.kind, corruptions=corruptions,
-                     severities=severities, limit=args.limit or None)
-    rows = robustness_report_rows(r)
-    lines = [f"{row['name']:20s} error {row['error']:6.2f}%" + (f"  CE {row['ce']:.2f}" if row.get("ce") else "")
-             for row in rows]
-    summary = (f"mean corruption error {100 * r['mean_error']:.2f}%" if "mean_error" in r
-               else f"top-1 {r['top1']:.2f}%")
-    if r.get("mce") is not None:
-        summary += f", mCE {r['mce']:.2f}"
-    _emit(args, r, "\n".join(lines + [summary, f"written to {args.run}/robustness.json"]))
-
-
-def cmd_eval_detection(args) -> None:
+def cmd_eval(args) -> None:
     from bcssl.engine.distributed import env_rank
-    from bcssl.eval.detection import detection_of_run
+    from bcssl.eval.registry import get
 
-    if _relaunched(args):
+    ev = get(args.eval_command)
+    if ev.distributed and _relaunched(args):
         return
-    r = detection_of_run(args.run, args.overrides)
+    options = {k: getattr(args, k) for k in getattr(args, "eval_options", [])}
+    result = ev.run(args.run, args.overrides, progress=True, **options)
     if env_rank() != 0:
-        return  # rank 0 evaluates and reports
-    _emit(args, r, f"Mask R-CNN ({r['epochs']} epochs, {r['train_images']} images): box AP {r['box_AP']:.1f}, "
-                   f"mask AP {r['mask_AP']:.1f} on {r['val_images']} images; written to {args.run}/detection.json")
+        return  # rank 0 reports
+    if result:  # the run's experiment trackers (metrics.csv, W&B, MLflow) get the results too
+        from bcssl.config import load_config
+        from bcssl.engine.trackers import log_results
+
+        log_results(load_config(str(Path(args.run) / "config.yaml"), args.overrides), args.run, ev.name, result)
+    _emit(args, result, ev.summary(result, args.run))
 
 
 def cmd_bench_throughput(args) -> None:
@@ -440,7 +415,7 @@ def cmd_presets(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    parser = build_parser(argv)
     _Parser.json_errors = "--json" in (sys.argv[1:] if argv is None else argv)
     # argparse stops filling a positional list at the first option; KEY=VALUE overrides after an
     # option (`bcssl eval knn RUN --json eval.knn_k=10`) are taken back into the list, in order.
@@ -466,8 +441,7 @@ def main(argv: list[str] | None = None) -> int:
                "config": {"show": cmd_config_show}.get(getattr(args, "config_command", None)),
                "viz": {"cam": cmd_viz_cam}.get(getattr(args, "viz_command", None)),
                "bench": {"throughput": cmd_bench_throughput}.get(getattr(args, "bench_command", None)),
-               "eval": {"knn": cmd_eval_knn, "linear": cmd_eval_linear,
-                        "robustness": cmd_eval_robustness, "detection": cmd_eval_detection}.get(getattr(args, "eval_command", None))}[args.command]
+               "eval": cmd_eval}[args.command]
     try:
         handler(args)
     except KeyboardInterrupt:

@@ -17,7 +17,6 @@ import itertools
 import json
 import logging
 import os
-import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ log = logging.getLogger("bcssl")
 
 RESULT = "sweep_result.json"
 SPEC = "sweep.json"
-EVALS = ("knn", "linear", "robustness")
+EVALS = ("knn", "linear", "robustness")  # the default --evals
 CORRUPTION_GROUPS = {  # ImageNet-C's four families
     "noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
     "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur"),
@@ -80,17 +79,20 @@ class Sweep:
                  overrides: Sequence[str] = (), out: str | os.PathLike | None = None,
                  evals: Sequence[str] = EVALS, cam: bool = True):
         self.config, self.grid, self.overrides = config, dict(grid), list(overrides)
+        from bcssl.eval.registry import names
+
         for e in evals:
-            if e not in EVALS:
-                raise ConfigError(f"unknown evaluation {e!r}; choose from {', '.join(EVALS)}")
+            if e not in names():
+                raise ConfigError(f"unknown evaluation {e!r}; choose from {', '.join(names())}")
         self.evals, self.cam = tuple(evals), cam
         base = load_config(config, self.overrides)  # validates the preset, overrides and grid keys early
         for key, values in self.grid.items():
             for v in values:
                 load_config(config, self.overrides + [f"{key}={v}"])
-        if "robustness" in self.evals and base.data.name == "image_folder" and not base.eval.imagenet_c:
+        if "robustness" in self.evals and base.data.name == "image_folder" and not base.robustness.folder:
             raise ConfigError("the sweep's robustness evaluation of an image folder needs the released ImageNet-C "
-                              "folder: eval.imagenet_c=/path/to/imagenet-c (or --evals knn,linear)")
+                              "folder: robustness.folder=/path/to/imagenet-c robustness.kind=imagenet_c "
+                              "(or --evals knn,linear)")
         self.seeds = [int(s) for s in seeds] if seeds else [int(base.seed)]
         self.out = Path(out) if out else Path(base.run.dir) / f"sweep_{base.run.name}"
         keys = list(self.grid)
@@ -145,41 +147,32 @@ class Sweep:
         log.info("sweep [%d/%d]: %s", combo.index + 1, len(self.combinations), combo.name)
         t0 = time.perf_counter()
         trained = train(cfg, knn_eval=knn_monitor(cfg))
-        if train_only or env_rank() != 0:
+        if train_only:
+            return None
+        values = self.evaluate(combo, progress=progress)  # every process: k-NN and the probe shard the work
+        if env_rank() != 0:
             return None
         result = {"name": combo.name, "index": combo.index, "assignments": dict(combo.assignments),
                   "seed": combo.seed, "run_dir": str(self.run_dir(combo)), "train_s": trained.train_s,
                   "imgs_per_s": trained.imgs_per_s, "epochs": trained.epochs, "images_seen": trained.images_seen}
-        result.update(self.evaluate(combo, progress=progress))
+        result.update(values)
         result["wall_s"] = time.perf_counter() - t0
         write_json(self.run_dir(combo) / RESULT, result)
         return result
 
     def evaluate(self, combo: Combination, progress: bool = True) -> dict:
-        from bcssl.eval.knn import knn_of_run
-        from bcssl.eval.linear import linear_probe
-        from bcssl.eval.robustness import evaluate_run
+        """Every evaluation of ``--evals`` (and what they require, first) on the run; the values
+        each keeps for the summary (:meth:`~bcssl.eval.registry.Evaluation.sweep_values`; rank 0)."""
+        from bcssl.eval.registry import in_order
 
-        run, out = self.run_dir(combo), {}
-        if "knn" in self.evals:
-            r = knn_of_run(run, progress=progress)
-            out.update(knn_top1=r["knn_top1"], knn_top5=r["knn_top5"])
-        if "linear" in self.evals or "robustness" in self.evals:  # robustness classifies with the probe
-            r = linear_probe(run, progress=progress)
-            out.update(linear_top1=r["linear_top1"], linear_top5=r["linear_top5"])
-        if "robustness" in self.evals:
-            cfg = self.run_config(combo)
-            folder = cfg.eval.imagenet_c if cfg.data.name == "image_folder" else None
-            r = evaluate_run(run, limit=cfg.eval.robustness_limit, progress=progress, folder=folder,
-                             kind="imagenet_c" if folder else None)
-            if r.get("mce") is not None:
-                out["mce"] = r["mce"]
-            by = r["mean_error_by_corruption"]
-            clean = 100 * r["clean_error"] if r.get("clean_error") is not None else 100 - out["linear_top1"]
-            out.update(clean_error=clean, corruption_error=100 * r["mean_error"],
-                       corruption_error_by_group={g: 100 * statistics.fmean(by[c] for c in cs if c in by)
-                                                  for g, cs in CORRUPTION_GROUPS.items() if any(c in by for c in cs)},
-                       robustness_images=r["n_images"])
+        run, out, main = self.run_dir(combo), {}, env_rank() == 0
+        for ev in in_order(self.evals):
+            if ev.distributed or main:  # under torchrun the others run on rank 0 alone
+                result = ev.run(run, progress=progress)
+                if main:
+                    out.update(ev.sweep_values(result))
+        if "corruption_error" in out and "clean_error" not in out and "linear_top1" in out:
+            out["clean_error"] = 100 - out["linear_top1"]  # released ImageNet-C has no clean images
         return out
 
     def run(self, indices: Sequence[int] | None = None, *, train_only: bool = False, summarize: bool = True,

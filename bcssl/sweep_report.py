@@ -18,13 +18,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("bcssl")
 
-METRICS = {  # key in sweep_result.json -> (table title, higher is better)
-    "knn_top1": ("k-NN top-1 (%)", True),
-    "linear_top1": ("linear probe top-1 (%)", True),
-    "clean_error": ("clean error (%)", False),
-    "corruption_error": ("mean corruption error (%)", False),
-    "imgs_per_s": ("training images/s", True),
-}
+def sweep_metrics() -> dict[str, tuple[str, bool]]:
+    """Key in sweep_result.json -> (table title, higher is better): every registered evaluation's
+    ``sweep_metrics`` and the training throughput."""
+    from bcssl.eval.registry import all_evaluations
+
+    out = {k: v for ev in all_evaluations() for k, v in ev.sweep_metrics.items()}
+    out["imgs_per_s"] = ("training images/s", True)
+    return out
 
 
 def _sort_key(v: str):
@@ -107,7 +108,7 @@ def plot_vs_column(pivot: Pivot, metrics: list[str], path: Path) -> Path | None:
             if xs:
                 ax.errorbar(xs, ys, yerr=es if any(es) else None, marker="o", capsize=3, label=row)
         ax.set_xlabel(pivot.col_key.split(".")[-1])
-        ax.set_ylabel(METRICS.get(metric, (metric,))[0])
+        ax.set_ylabel(sweep_metrics().get(metric, (metric,))[0])
         if numeric:
             ax.set_xticks([float(c) for c in pivot.cols])
             ax.set_xticklabels(pivot.cols)
@@ -165,10 +166,15 @@ def write_sweep_report(sweep: "Sweep", results: dict[str, dict | None]) -> dict:
           f"{len(done)} of {len(results)} combinations finished." + (
               f" Not finished yet: {', '.join(missing)}." if missing else ""), "",
           "Cells: mean ± sample std over seeds (a single seed shows the value alone).", ""]
-    sections = [("knn_top1", "k-NN top-1 (%) — Table 2 style", 2),
-                ("linear_top1", "Linear probe top-1 (%)", 2),
-                ("imgs_per_s", "Pre-training throughput (images/s, this machine)", 0)]
+    special = {"knn_top1": "k-NN top-1 (%) — Table 2 style",
+               "imgs_per_s": "Pre-training throughput (images/s, this machine)"}
+    robustness = ("clean_error", "corruption_error")  # their own section below
+    sections = [(m, special.get(m, title[0].upper() + title[1:]), 0 if m == "imgs_per_s" else 2)
+                for m, (title, _) in sweep_metrics().items() if m not in robustness]
+    protocols = sorted({r.get("linear_protocol") for r in results.values() if r and r.get("linear_protocol")})
     for metric, title, nd in sections:
+        if metric == "linear_top1" and protocols:
+            title += f" — {', '.join(protocols)}"
         if pivot.has(metric):
             md += [f"## {title}", "", *pivot.table(metric, nd), ""]
     fig = plot_vs_column(pivot, ["knn_top1", "linear_top1"], fig_dir / "accuracy_vs_kernel.png")
@@ -220,7 +226,7 @@ def write_sweep_report(sweep: "Sweep", results: dict[str, dict | None]) -> dict:
     summary = {"out": str(out_dir), "report": str(report), "finished": len(done), "total": len(results),
                "missing": missing,
                "tables": {m: {row: {c: pivot.values(row, c, m) for c in pivot.cols} for row in pivot.rows}
-                          for m in METRICS if pivot.has(m)},
+                          for m in sweep_metrics() if pivot.has(m)},
                "cam_area": {row: c["area"] for row, c in cams.items()},
                "figures": [str(p) for p in ([fig] if fig else []) + [c["png"] for c in cams.values()]]}
     write_json(out_dir / "summary.json", summary)

@@ -99,9 +99,18 @@ def test_eval_linear_then_robustness(tmp_path, tiny_fmnist, capsys):
     assert main(["viz", "cam", f"{tmp_path}/ev", "--n", "3", "--json"]) == 0
     cam = last_json(capsys.readouterr().out)
     assert cam["n_images"] == 3 and (tmp_path / "ev" / "cam.png").exists()
+    # the per-model evaluation through the same interface: RUN/throughput.json, read by the report
+    assert main(["eval", "throughput", f"{tmp_path}/ev", "throughput.resolution=32", "throughput.batch_size=2",
+                 "throughput.warmup=1", "throughput.iters=1", "throughput.repeats=1", "--json"]) == 0
+    rows = last_json(capsys.readouterr().out)["rows"]
+    assert {r["fold_bn"] for r in rows} == {True, False} and (tmp_path / "ev" / "throughput.json").exists()
+    assert main(["eval", "cam", f"{tmp_path}/ev", "cam.n_images=2", "cam.methods=[eigencam]", "--json"]) == 0
+    assert last_json(capsys.readouterr().out)["n_images"] == 2
     assert main(["report", f"{tmp_path}/ev"]) == 0
     report = (tmp_path / "ev" / "report.md").read_text()
-    assert "cam.png" in report and "linear" in report.lower()
+    assert "cam.png" in report and "linear" in report.lower() and "## Throughput" in report
+    assert "cached_features" in report  # the protocol behind the linear number
+    assert "8 images (subset of 8 of 32, first)" in report
 
 
 def test_bench_throughput_json(capsys):
@@ -204,4 +213,8 @@ def test_every_argument_has_help():
                 yield f"{path}: {'/'.join(action.option_strings) or action.dest}"
 
     import argparse
-    assert list(walk(build_parser(), "bcssl")) == []
+
+    from bcssl.eval.registry import names
+    # an evaluation's own options are added when it is the one chosen on the command line
+    missing = [m for argv in [[]] + [["eval", n] for n in names()] for m in walk(build_parser(argv), "bcssl")]
+    assert sorted(set(missing)) == []

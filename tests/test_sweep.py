@@ -12,7 +12,7 @@ from tests.conftest import TINY_CROPS, TINY_HEAD, TINY_MODEL
 
 FAST = ["train.epochs=1", "train.batch_size=16", "train.progress=false", "log.backends=[csv]",
         "data.workers=0", "threads=1", "eval.batch_size=64", "eval.knn_every=0", "eval.final_knn=false",
-        "train.checkpoint_every_steps=1", "train.log_every_steps=1", "linear.epochs=2", "eval.robustness_limit=4",
+        "train.checkpoint_every_steps=1", "train.log_every_steps=1", "linear.epochs=2", "robustness.corruption_limit=4",
         *TINY_MODEL, *TINY_HEAD, *TINY_CROPS]
 GRID = ["model.kernel_size=3,5", "model.dw_norm=ln,bn+ln"]
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import warnings
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -61,23 +62,59 @@ def valid_keys() -> list[str]:
     return _VALID_KEYS
 
 
-#: keys that were renamed or replaced, with what to write instead
-RENAMED_KEYS = {
-    "log.tensorboard": "log.backends (a list: log.backends=[tensorboard,csv]; log.backends=[csv] turns "
-                       "TensorBoard off)",
-}
-
-
 def _check_keys(keys: Iterable[str], source: str) -> None:
     valid = set(valid_keys())
     for key in keys:
         if key in valid:
             continue
-        if key in RENAMED_KEYS:
-            raise ConfigError(f"config key '{key}' in {source} was replaced by {RENAMED_KEYS[key]}")
         close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown config key '{key}' in {source}.{hint}")
+
+
+#: keys that moved to an evaluation's own section: old key -> (new key, old value -> {new key: value}).
+#: A YAML file with an old key (a run saved by an older bcssl) is read as the new one, with a warning;
+#: an old key on the command line is an error naming the new one.
+MOVED_KEYS = {
+    "eval.robustness_limit": ("robustness.corruption_limit", lambda v: {"robustness.corruption_limit": v}),
+    "eval.imagenet_c": ("robustness.folder", lambda v: (
+        {"robustness.folder": v, "robustness.kind": "imagenet_c"} if v else {})),
+    "linear.augment": ("linear.protocol", lambda v: (
+        {"linear.protocol": "dino_eval_linear" if v else "cached_features"})),
+    "log.tensorboard": ("log.backends", lambda v: {"log.backends": ["tensorboard", "csv"] if v else ["csv"]}),
+}
+
+
+def _pop_dotted(d: dict, dotted: str):
+    parts = dotted.split(".")
+    node = d
+    for p in parts[:-1]:
+        node = node.get(p) if isinstance(node, dict) else None
+        if not isinstance(node, dict):
+            return False, None
+    if parts[-1] not in node:
+        return False, None
+    return True, node.pop(parts[-1])
+
+
+def _set_dotted(d: dict, dotted: str, value) -> None:
+    *parents, last = dotted.split(".")
+    for p in parents:
+        d = d.setdefault(p, {})
+    d[last] = value
+
+
+def _migrate(layer: dict, source: str, command_line: bool = False) -> dict:
+    for old, (new, convert) in MOVED_KEYS.items():
+        found, value = _pop_dotted(layer, old)
+        if not found:
+            continue
+        if command_line:
+            raise ConfigError(f"'{old}' is now '{new}'; write {new}=... instead")
+        warnings.warn(f"{source}: '{old}' is now '{new}' (read as {convert(value) or 'unset'})", stacklevel=3)
+        for key, v in convert(value).items():
+            _set_dotted(layer, key, v)
+    return layer
 
 
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
@@ -142,10 +179,10 @@ def load_config(preset_or_yaml: str | None = None, overrides: Sequence[str] = ()
     layers = []
     if preset_or_yaml:
         path = preset_path(preset_or_yaml)
-        layer = _read_yaml(path)
+        layer = _migrate(_read_yaml(path), str(path))
         _check_keys(_flat_keys(layer), str(path))
         layers.append(layer)
-    ov = _parse_overrides(overrides)
+    ov = _migrate(_parse_overrides(overrides), "the command-line overrides", command_line=True)
     _check_keys(_flat_keys(ov), "the command-line overrides")
     _follow_model_name(layers, ov)
     layers.append(ov)
@@ -180,6 +217,16 @@ def _validate(cfg: DictConfig) -> None:
          "detection.batch_size and detection.epochs must be >= 1")
     bad = [b for b in cfg.log.backends if b not in LOG_BACKENDS]
     need(not bad, f"log.backends: unknown backend(s) {', '.join(map(str, bad))}; valid: {', '.join(LOG_BACKENDS)}")
+    need(cfg.linear.protocol in ("auto", "dino_eval_linear", "cached_features"),
+         f"linear.protocol must be auto, dino_eval_linear or cached_features, got '{cfg.linear.protocol}'")
+    rc = cfg.robustness
+    need(rc.sampling in ("auto", "first", "strided"),
+         f"robustness.sampling must be auto, first or strided, got '{rc.sampling}'")
+    need(rc.kind in (None, "imagenet_c", "imagenet_a", "imagenet_r", "imagenet_sketch"),
+         f"robustness.kind must be imagenet_c, imagenet_a, imagenet_r or imagenet_sketch, got '{rc.kind}'")
+    for key in ("corruption_limit", "folder_limit"):
+        need(rc[key] is None or rc[key] > 0, f"robustness.{key} must be a positive number of images (or null: all)")
+    need(cfg.throughput.amp in AMP_MODES, f"throughput.amp must be none, bf16 or fp16, got '{cfg.throughput.amp}'")
     need(cfg.eval.encoder in ("auto", "student", "teacher"),
          f"eval.encoder must be auto, student or teacher, got '{cfg.eval.encoder}'")
 

@@ -131,25 +131,64 @@ class EvalConfig:
     # the network every evaluation uses: auto (the method's paper: DINO's teacher, the online
     # encoder of BYOL / MoCo v3 / CARE), student (the optimised one) or teacher (the EMA one)
     encoder: str = "auto"
-    robustness_limit: Optional[int] = 1000  # images for on-the-fly corruptions (bcssl sweep; None = all)
-    imagenet_c: Optional[str] = None  # released ImageNet-C folder: the sweep's robustness for image folders
 
 
 @dataclass
 class LinearConfig:
-    """Linear probe (PAPER.md section 4; DINO's eval_linear): frozen eval-mode backbone, one
-    ``nn.Linear`` on the pooled features, SGD, cosine lr to 0 over the epochs (stepped per epoch)."""
+    """Linear probe (bcssl/eval/linear.py; facebookresearch/dino eval_linear.py): frozen eval-mode
+    backbone, one ``nn.Linear`` on its ``linear_features`` (ViT: class tokens of the last 4 blocks;
+    CNNs / Swin: the pooled features), SGD, cosine lr to 0 over the epochs (stepped per epoch)."""
+    # auto: dino_eval_linear on image folders, cached_features on in-memory sets (Fashion-MNIST,
+    # CIFAR, STL: 100 augmented epochs through the backbone cost hours on a CPU for ~0 gain at 28 px)
+    # dino_eval_linear: DINO's protocol (RandomResizedCrop + flip every step, all processes,
+    # evaluated every epoch, best and last reported, resumable); cached_features: the fast probe on
+    # features extracted once with the evaluation preprocessing and cached per checkpoint
+    protocol: str = "auto"
     epochs: int = 100
     lr: float = 0.001  # at a batch of 256: lr = lr * batch_size / 256 (DINO's eval_linear)
-    batch_size: int = 256
+    batch_size: int = 256  # all processes together (DINO: 128 per GPU x 8 = 1024)
     momentum: float = 0.9
     weight_decay: float = 0.0
-    augment: bool = False  # False: train on cached eval features; True: random resized crop + flip
-    crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # augment: crop area range
+    crop_scale: List[float] = field(default_factory=lambda: [0.08, 1.0])  # dino_eval_linear: crop area range
     normalize_features: bool = False  # standardise with train mean/std (folded into the saved layer)
     train_limit: Optional[int] = None  # use only the first N training / evaluation images
     test_limit: Optional[int] = None
     cache: bool = True  # cache eval features under <run_dir>/cache (keyed by checkpoint bytes)
+    checkpoint_every_steps: int = 500  # dino_eval_linear: plus one at every epoch end (<run>/linear/)
+
+
+@dataclass
+class RobustnessConfig:
+    """``bcssl eval robustness`` (bcssl/eval/robustness.py): corruptions made on the fly from
+    ``data.eval_split``, or a released ImageNet-C / -A / -R / -Sketch folder."""
+    folder: Optional[str] = None  # a released folder (class folders named by wnid); None: on the fly
+    kind: Optional[str] = None  # imagenet_c | imagenet_a | imagenet_r | imagenet_sketch (with folder)
+    corruption_limit: Optional[int] = 1000  # on the fly: images of the eval split (None = all; ~3 ms each x 75 cells)
+    folder_limit: Optional[int] = None  # released folders: every image unless set (per folder)
+    sampling: str = "auto"  # a limited subset: first | strided (auto: strided for folders, first on the fly)
+    corruptions: Optional[List[str]] = None  # None: all 15
+    severities: List[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+
+
+@dataclass
+class CamConfig:
+    """``bcssl eval cam`` (bcssl/eval/cam.py): a Grad-CAM / Eigen-CAM grid of the run."""
+    methods: List[str] = field(default_factory=lambda: ["gradcam", "eigencam"])
+    images: Optional[str] = None  # an image file or folder; None: one eval image per class
+    n_images: int = 8  # default images (one per class)
+
+
+@dataclass
+class ThroughputConfig:
+    """``bcssl eval throughput`` (bcssl/eval/throughput.py): the run's backbone, forward only."""
+    resolution: int = 224  # the paper's Table 3 (224 px)
+    batch_size: int = 64
+    amp: str = "none"
+    channels_last: bool = False
+    compare_unfolded: bool = True  # BC-SSL: measure the unfolded backbone too
+    warmup: int = 3
+    iters: int = 10
+    repeats: int = 3
 
 
 @dataclass
@@ -204,5 +243,8 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
+    robustness: RobustnessConfig = field(default_factory=RobustnessConfig)
+    cam: CamConfig = field(default_factory=CamConfig)
+    throughput: ThroughputConfig = field(default_factory=ThroughputConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     log: LogConfig = field(default_factory=LogConfig)

@@ -8,6 +8,7 @@ all-reduce of per-channel sums. On GPUs it is exactly ``torch.nn.SyncBatchNorm``
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import shutil
@@ -57,11 +58,25 @@ def init_distributed(device_name: str) -> tuple[DistInfo, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        # a long timeout: rank 0 runs the k-NN monitor and writes checkpoints while others wait
+        # a long timeout: rank 0 writes checkpoints and the evaluation results while others wait
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
                                 timeout=datetime.timedelta(minutes=60),
                                 device_id=device if device.type == "cuda" else None)
     return DistInfo(rank, world, local_rank), device
+
+
+@contextlib.contextmanager
+def process_group(device_name: str):
+    """``with process_group(cfg.device) as (info, device):`` :func:`init_distributed` for a command
+    that may run under torchrun (an evaluation); leaves the group on exit only when it joined it
+    here, so an evaluation called inside training (the k-NN monitor) keeps the trainer's group."""
+    joined_before = dist.is_available() and dist.is_initialized()
+    info, device = init_distributed(device_name)
+    try:
+        yield info, device
+    finally:
+        if info.enabled and not joined_before:
+            shutdown_distributed()
 
 
 def shutdown_distributed() -> None:
@@ -94,6 +109,43 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, tensor.contiguous())
     return torch.cat(gathered, dim=0)
+
+
+def _comm_device(device: torch.device) -> torch.device:
+    """Where a collective's tensors must live: the rank's GPU under NCCL, else where they are."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+@torch.no_grad()
+def all_gather_uneven(tensor: torch.Tensor) -> torch.Tensor:
+    """The tensors of all processes concatenated along dim 0 in rank order when their lengths
+    differ (each rank's shard of a dataset); a single process gets its own tensor back.
+
+    Padded to the longest and trimmed after the gather. A rank with no rows may pass
+    ``torch.empty(0)`` (of the right dtype): the other dims come from the ranks that have rows.
+    Under NCCL the gather runs on the rank's GPU; the result is on ``tensor``'s device."""
+    if not is_distributed():
+        return tensor
+    comm = _comm_device(tensor.device)
+    shape = torch.zeros(9, dtype=torch.int64, device=comm)  # rows, ndim, up to 7 more dims
+    shape[0], shape[1] = tensor.shape[0], tensor.ndim
+    if tensor.ndim > 1:
+        shape[2:1 + tensor.ndim] = torch.tensor(tensor.shape[1:], dtype=torch.int64)
+    shapes = all_gather_cat(shape.view(1, -1)).cpu()
+    sizes = shapes[:, 0].tolist()
+    full = next((s for s in shapes.tolist() if s[0] > 0), None)
+    if full is None:
+        return tensor
+    rest = tuple(full[2:2 + full[1] - 1])
+    longest = max(sizes)
+    padded = torch.zeros((longest, *rest), dtype=tensor.dtype, device=comm)
+    if sizes[rank()]:
+        padded[:sizes[rank()]] = tensor.to(comm)
+    gathered = all_gather_cat(padded)
+    parts = [gathered[r * longest:r * longest + n] for r, n in enumerate(sizes)]
+    return torch.cat(parts).to(tensor.device)
 
 
 def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
@@ -221,5 +273,6 @@ def relaunch_with_torchrun(nproc: int, argv: list[str]) -> int:
 
 
 __all__ = ["DistInfo", "init_distributed", "shutdown_distributed", "is_distributed", "rank", "world_size",
-           "all_gather_cat", "all_reduce_sum", "all_reduce_mean", "any_process", "barrier",
-           "CPUSyncBatchNorm", "all_reduce_sum_with_grad", "convert_sync_batchnorm", "relaunch_with_torchrun", "env_world_size", "env_rank"]
+           "all_gather_cat", "all_gather_uneven", "all_reduce_sum", "all_reduce_mean", "any_process", "barrier",
+           "CPUSyncBatchNorm", "all_reduce_sum_with_grad", "convert_sync_batchnorm", "relaunch_with_torchrun", "env_world_size", "env_rank",
+           "process_group"]

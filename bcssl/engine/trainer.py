@@ -115,10 +115,10 @@ def train(cfg: DictConfig, *, knn_eval=None) -> TrainResult:
     """Pre-train with ``cfg``; resumes from ``<run_dir>/checkpoint.pt`` when one exists.
 
     ``knn_eval(method, epoch) -> dict`` (optional) is the k-NN monitor called every
-    ``eval.knn_every`` epochs and after the last one (on rank 0).
+    ``eval.knn_every`` epochs and after the last one (on every rank: each encodes its shard).
 
     Under ``torchrun`` (WORLD_SIZE > 1) each process trains on its slice of every global batch
-    (``train.batch_size`` per process) with DDP and SyncBatchNorm; rank 0 alone logs, evaluates
+    (``train.batch_size`` per process) with DDP and SyncBatchNorm; rank 0 alone logs
     and writes checkpoints. SIGTERM/SIGUSR1 save a checkpoint and return early (``preempted``).
     """
     if cfg.threads:
@@ -338,13 +338,12 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
         last = epoch + 1 == epochs
         every = cfg.eval.knn_every
         if knn_eval is not None and ((every and (epoch + 1) % every == 0) or (last and cfg.eval.final_knn)):
+            result = knn_eval(method, epoch + 1)  # every rank encodes its shard; all get the result
+            knn_top1 = result["top1"]
+            metrics.write("knn", step, epoch=epoch + 1, top1=result["top1"], top5=result["top5"])
             if dist.is_main:
-                result = knn_eval(method, epoch + 1)
-                knn_top1 = result["top1"]
-                metrics.write("knn", step, epoch=epoch + 1, top1=result["top1"], top5=result["top5"])
                 log.info("epoch %d: k-NN top-1 %.2f%%", epoch + 1, knn_top1)
-                method.train()
-            ddp.barrier()
+            method.train()
         save_checkpoint(step)
         ddp.barrier()
     if stopped_by:  # preemption: save where we are and return normally, so the job exits 0

@@ -37,6 +37,7 @@ from torch import nn
 
 from bcssl.engine.run_dir import write_json
 from bcssl.eval.features import eval_preprocess
+from bcssl.eval.registry import Evaluation
 
 METHODS = ("gradcam", "eigencam")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
@@ -463,3 +464,32 @@ def default_images(run_dir: Union[str, os.PathLike], n: int = 8) -> torch.Tensor
         if len(picked) >= min(n, ds.num_classes):
             break
     return torch.stack([picked[c] for c in sorted(picked)])
+
+
+class Cam(Evaluation):
+    name = "cam"
+    section = "cam"
+
+    def run(self, run_dir, overrides=(), *, progress: bool = True, **options) -> dict:
+        """``cam.png`` + ``cam.json`` in the run: one row per ``cam.methods``, columns = ``cam.images``
+        (default: the first eval image of each of the first ``cam.n_images`` classes)."""
+        from bcssl.engine.run_dir import load_run_config
+        from bcssl.config import load_config
+
+        load_run_config(run_dir)  # a clear error when run_dir is not a run
+        cc = load_config(str(Path(run_dir) / "config.yaml"), list(overrides)).cam
+        images = cc.images if cc.images else default_images(run_dir, cc.n_images)
+        return cam_for_runs([run_dir], images, methods=list(cc.methods), out_png=Path(run_dir) / "cam.png",
+                            overrides=overrides)
+
+    def summary(self, s: dict, run_dir) -> str:
+        rows = "\n".join(f"{k:40s} mean CAM area {v:.3f}" for k, v in s["cam_area_mean"].items())
+        return f"{rows}\nCAM grid: {s['png']}"
+
+    def report_section(self, runs, out_dir, fig_dir):
+        from bcssl.eval.report import _cam_section
+
+        return _cam_section(runs, out_dir, fig_dir)
+
+
+EVALUATION = Cam()

@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from bcssl.eval.registry import Evaluation
+
 log = logging.getLogger("bcssl.detection")
 
 
@@ -443,6 +445,27 @@ def detection_of_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), 
     ddp.shutdown_distributed()
     return result
 
+
+class Detection(Evaluation):
+    name = "detection"
+    section = "detection"
+    distributed = True
+
+    def run(self, run_dir, overrides=(), *, progress: bool = True, **options) -> dict:
+        return detection_of_run(run_dir, overrides, progress=progress)
+
+    def summary(self, r: dict, run_dir) -> str:
+        return (f"Mask R-CNN ({r['epochs']} epochs, {r['train_images']} images): box AP {r['box_AP']:.1f}, "
+                f"mask AP {r['mask_AP']:.1f} on {r['val_images']} images; written to {Path(run_dir) / 'detection.json'}")
+
+    def report_columns(self, run):
+        from bcssl.eval.report import _f
+
+        det = run.results.get("detection") or {}
+        return [("box AP", _f(det.get("box_AP"))), ("mask AP", _f(det.get("mask_AP")))]
+
+
+EVALUATION = Detection()
 
 __all__ = ["StageFeatures", "BackboneFPN", "build_mask_rcnn", "set_mode", "set_drop_path", "CocoDetectionSet",
            "coco_results", "coco_ap", "evaluate_detector", "lr_at", "detection_of_run", "AP_NAMES"]

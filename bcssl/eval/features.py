@@ -2,6 +2,11 @@
 evaluation preprocessing (DINO: resize 256 -> centre-crop 224; small images are resized up to
 the training crop size).
 
+Under torchrun (``--nproc N``) :func:`extract_dataset_features` shards a dataset over the
+processes: each encodes a contiguous block of whole batches (the batches one process would
+make, so every image sees the same batch shape and gives the same bits) and the blocks are
+gathered to every process in dataset order, uneven ones included.
+
 Features are cached per run under ``<run_dir>/cache/`` keyed by the checkpoint's bytes, the
 images and the preprocessing (:func:`cached_features`); ``bcssl.engine.runtime.load_run`` gives a
 run's eval backbone together with the digest of the checkpoint it was loaded from."""
@@ -9,16 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from bcssl.engine import distributed as ddp
 from bcssl.engine.amp import autocast as amp_autocast
 from bcssl.engine.runtime import LoadedRun, file_sha256
 
@@ -48,9 +55,13 @@ def eval_preprocess(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
 def extract_features(backbone: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], *,
                      size: int, mean, std, device: torch.device | str = "cpu", amp: str = "none",
                      channels_last: bool = False, total: int | None = None, desc: str = "features",
-                     progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                     progress: bool = True, forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     allow_empty: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``backbone`` in eval mode over uint8 ``(images, labels)`` batches; returns float32
-    features (N, D) and labels (N,) on the CPU. The backbone's train/eval mode is restored."""
+    features (N, D) and labels (N,) on the CPU. The backbone's train/eval mode is restored.
+    ``forward``: what to compute from the preprocessed batch (default ``backbone`` itself; the
+    linear probe passes ``backbone.linear_features``). No readable image is a ValueError, or empty
+    tensors with ``allow_empty`` (one process's shard: the others may have some)."""
     device = torch.device(device)
     was_training = backbone.training
     backbone.eval()
@@ -62,14 +73,91 @@ def extract_features(backbone: nn.Module, batches: Iterable[tuple[torch.Tensor, 
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast:
-                f = backbone(x)
+                f = (forward or backbone)(x)
             feats.append(f.float().cpu())
             labels.append(y.cpu())
     finally:
         backbone.train(was_training)
     if not feats:
+        if allow_empty:
+            return torch.empty(0), torch.empty(0, dtype=torch.long)
         raise ValueError("no images to extract features from")
     return torch.cat(feats), torch.cat(labels)
+
+
+def linear_features_of(backbone: nn.Module) -> tuple[Callable[[torch.Tensor], torch.Tensor], str]:
+    """``(function, kind)``: the features a linear probe reads (the backbone contract's
+    ``linear_features``: ViT the class tokens of its last 4 blocks, the others the pooled
+    features) and a name for them (``linear_features_kind``, "pooled" when they are the forward's)."""
+    fn = getattr(backbone, "linear_features", None)
+    if fn is None:  # a backbone from outside the registry (an exported file): its forward
+        return backbone, "pooled"
+    return fn, str(getattr(backbone, "linear_features_kind", "pooled"))
+
+
+class DatasetRows(torch.utils.data.Dataset):
+    """Items ``indices`` of ``dataset`` (a process's shard, a robustness subset). An in-memory
+    set stays one ``images`` / ``labels`` tensor (a contiguous range is a view, not a copy), so
+    :class:`~bcssl.data.BatchLoader` still indexes it in one gather per batch."""
+
+    def __init__(self, dataset, indices: Sequence[int] | range):
+        self.dataset = dataset
+        self.indices = indices if isinstance(indices, range) else list(indices)
+        self.num_classes = dataset.num_classes
+        self.classes = getattr(dataset, "classes", None)
+        self.image_shape = getattr(dataset, "image_shape", None)
+        images, labels = getattr(dataset, "images", None), getattr(dataset, "labels", None)
+        if isinstance(images, torch.Tensor) and isinstance(labels, torch.Tensor):
+            r = self.indices
+            sel = slice(r.start, r.stop, r.step) if isinstance(r, range) else torch.as_tensor(r, dtype=torch.long)
+            self.images, self.labels = images[sel], labels[sel]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.dataset[self.indices[i]]
+
+    def path(self, i: int) -> str:
+        path = getattr(self.dataset, "path", None)
+        return str(path(self.indices[i])) if callable(path) else f"#{self.indices[i]}"
+
+
+def shard_range(num_items: int, batch_size: int, rank: int, world_size: int) -> range:
+    """The items process ``rank`` of ``world_size`` encodes: a contiguous block of whole batches
+    (block sizes differ by at most one batch; a process may get none)."""
+    batches = math.ceil(num_items / batch_size)
+    first, last = batches * rank // world_size, batches * (rank + 1) // world_size
+    return range(min(first * batch_size, num_items), min(last * batch_size, num_items))
+
+
+def extract_dataset_features(backbone: nn.Module, dataset, *, batch_size: int, limit: int | None = None,
+                             workers: int = 0, desc: str = "features", progress: bool = True,
+                             **extract_kw) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`extract_features` over the first ``limit`` items of ``dataset`` (in order, batches
+    of ``batch_size``), sharded over the processes of a torchrun job and gathered to all of them
+    (:func:`shard_range`, :func:`bcssl.engine.distributed.all_gather_uneven`). One process reads
+    everything itself; N processes return the same tensors. Unreadable images are dropped."""
+    from bcssl.data import BatchLoader  # late: keep `import bcssl.eval.features` light
+
+    n = len(dataset) if limit is None else min(int(limit), len(dataset))
+    if n == 0:
+        raise ValueError("no images to extract features from")
+    rank, world = ddp.rank(), ddp.world_size()
+    shard = shard_range(n, batch_size, rank, world) if world > 1 else range(n)
+    feats, labels = torch.empty(0), torch.empty(0, dtype=torch.long)
+    if len(shard):
+        part = dataset if shard == range(len(dataset)) else DatasetRows(dataset, shard)
+        device = torch.device(extract_kw.get("device", "cpu"))
+        loader = BatchLoader(part, batch_size, shuffle=False, drop_last=False, workers=workers,
+                             pin_memory=device.type == "cuda")
+        feats, labels = extract_features(backbone, loader.epoch(0), total=len(loader), desc=desc,
+                                         progress=progress and rank == 0, allow_empty=world > 1, **extract_kw)
+    if world > 1:
+        feats, labels = ddp.all_gather_uneven(feats), ddp.all_gather_uneven(labels)
+        if feats.numel() == 0:
+            raise ValueError("no images to extract features from")
+    return feats, labels
 
 
 # --------------------------------------------------------------------------------------------
@@ -100,18 +188,39 @@ def cached_features(run_dir: str | os.PathLike, checkpoint_path: str | os.PathLi
     ``batches_fn`` or the backbone. A miss extracts them, removes the files of older checkpoints
     for the same dataset/transform, and writes atomically (temporary file + rename).
     """
-    digest = checkpoint_sha256 or file_sha256(checkpoint_path)
+    return cached(run_dir, checkpoint_sha256 or file_sha256(checkpoint_path), dataset_key, transform_key,
+                  lambda: extract_features(backbone, batches_fn(), **extract_kw))
+
+
+def cached(run_dir: str | os.PathLike, checkpoint_sha256: str, dataset_key: str, transform_key: str,
+           compute: Callable[[], tuple[torch.Tensor, torch.Tensor]], *,
+           device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """``compute()``'s (features, labels), cached under ``run_dir/cache`` by (checkpoint digest,
+    dataset key, transform key) (see :func:`cached_features`). Under torchrun every process
+    reads the cache, all use it only if all found it (``compute`` may be collective), and rank
+    0 writes it."""
+    digest = checkpoint_sha256
     path = feature_cache_path(run_dir, digest, dataset_key, transform_key)
     meta = {"checkpoint_sha256": digest, "dataset_key": dataset_key, "transform_key": transform_key}
+    hit = None
     if path.is_file():
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
             if all(blob.get(k) == v for k, v in meta.items()) and blob["features"].shape[0] == blob["labels"].shape[0]:
-                return blob["features"], blob["labels"]
-            warnings.warn(f"feature cache {path} does not match its key; recomputing", stacklevel=2)
+                hit = blob["features"], blob["labels"]
+            else:
+                warnings.warn(f"feature cache {path} does not match its key; recomputing", stacklevel=2)
         except Exception as e:  # a truncated or foreign file is just a miss
             warnings.warn(f"feature cache {path} is unreadable ({type(e).__name__}); recomputing", stacklevel=2)
-    feats, labels = extract_features(backbone, batches_fn(), **extract_kw)
+    if not ddp.any_process([hit is None], torch.device(device))[0]:
+        return hit
+    feats, labels = compute()
+    if ddp.rank() == 0:
+        _write_cache(path, digest, dataset_key, transform_key, feats, labels, meta)
+    return feats, labels
+
+
+def _write_cache(path: Path, digest, dataset_key, transform_key, feats, labels, meta) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     for old in path.parent.glob(f"features-{_short(dataset_key, transform_key)}-*.pt"):
         if old != path:
@@ -125,34 +234,38 @@ def cached_features(run_dir: str | os.PathLike, checkpoint_path: str | os.PathLi
         os.replace(tmp, path)
     except OSError as e:  # a full disk must not lose the features just computed
         tmp.unlink(missing_ok=True)
-        warnings.warn(f"could not write the feature cache {path}: {e}", stacklevel=2)
-    return feats, labels
+        warnings.warn(f"could not write the feature cache {path}: {e}", stacklevel=3)
 
 
 def run_features(loaded: LoadedRun, split: str, limit: int | None = None, *, device: torch.device | str = "cpu",
-                 cache: bool = True, progress: bool = True, dataset=None) -> tuple[torch.Tensor, torch.Tensor]:
+                 cache: bool = True, progress: bool = True, dataset=None,
+                 features: str = "pooled") -> tuple[torch.Tensor, torch.Tensor]:
     """Features of a run's eval backbone on ``split`` of its dataset (first ``limit`` images), with
-    the evaluation preprocessing at the run's global crop size. Cached under ``<run>/cache`` per
-    checkpoint, so k-NN and the linear probe of one checkpoint extract each split once.
-    ``dataset``: the already built split, to avoid loading it again."""
-    from bcssl.data import BatchLoader, dataset_from_config
+    the evaluation preprocessing at the run's global crop size; sharded over the processes of a
+    torchrun job. Cached under ``<run>/cache`` per checkpoint, so k-NN and the linear probe of one
+    checkpoint extract each split once. ``dataset``: the already built split, to avoid loading it
+    again. ``features``: ``pooled`` (the backbone's forward) or ``linear`` (its ``linear_features``)."""
+    from bcssl.data import dataset_from_config
 
     cfg = loaded.cfg
     d, c = cfg.data, cfg.crops
     device = torch.device(device)
     ds = dataset if dataset is not None else dataset_from_config(d, split)
-    loader = BatchLoader(ds, cfg.eval.batch_size, shuffle=False, drop_last=False, workers=d.workers,
-                         pin_memory=device.type == "cuda", limit=limit)
-    kw = dict(size=c.global_size, mean=tuple(c.mean), std=tuple(c.std), device=device, amp=cfg.train.amp,
-              channels_last=cfg.train.channels_last, progress=progress, total=len(loader),
-              desc=f"{split} features")
     backbone = loaded.backbone.to(device)
+    forward, kind = linear_features_of(backbone) if features == "linear" else (backbone, "pooled")
+    kw = dict(size=c.global_size, mean=tuple(c.mean), std=tuple(c.std), device=device, amp=cfg.train.amp,
+              channels_last=cfg.train.channels_last, progress=progress, desc=f"{split} features", forward=forward)
+
+    def compute():
+        return extract_dataset_features(backbone, ds, batch_size=cfg.eval.batch_size, limit=limit,
+                                        workers=d.workers, **kw)
     if not cache:
-        return extract_features(backbone, loader.epoch(0), **kw)
+        return compute()
     dataset_key = json.dumps({"name": d.name, "root": str(d.root), "split": split, "load_size": d.load_size,
                               "limit": limit, "len": len(ds), "classes": int(ds.num_classes)})
-    transform_key = json.dumps({"eval_preprocess": c.global_size, "mean": list(c.mean), "std": list(c.std),
-                                "amp": cfg.train.amp, "encoder": loaded.encoder})
-    return cached_features(Path(loaded.checkpoint_path).parent, loaded.checkpoint_path,
-                           backbone, dataset_key, transform_key, lambda: loader.epoch(0),
-                           checkpoint_sha256=loaded.checkpoint_sha256, **kw)
+    transform = {"eval_preprocess": c.global_size, "mean": list(c.mean), "std": list(c.std),
+                 "amp": cfg.train.amp, "encoder": loaded.encoder}
+    if kind != "pooled":  # the k-NN's pooled features and a CNN's linear features are the same file
+        transform["features"] = kind
+    return cached(Path(loaded.checkpoint_path).parent, loaded.checkpoint_sha256, dataset_key,
+                  json.dumps(transform), compute, device=device)

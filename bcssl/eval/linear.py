@@ -1,26 +1,35 @@
-"""Linear probe, the DINO protocol (PAPER.md section 4; facebookresearch/dino ``eval_linear.py``).
+"""Linear probe, the DINO protocol (facebookresearch/dino ``eval_linear.py``).
 
-Frozen eval-mode backbone, ONE ``nn.Linear(D, num_classes)`` on its pooled features (DINO's
-``LinearClassifier``: weight ~ N(0, 0.01), bias 0), cross-entropy, SGD with momentum 0.9 and no
-weight decay, lr = ``linear.lr`` (0.001) x batch / 256, cosine-annealed to 0 over the epochs
-(``CosineAnnealingLR(T_max=epochs, eta_min=0)``, stepped once per epoch), 100 epochs, batch 256.
+Frozen eval-mode backbone, ONE ``nn.Linear(D, num_classes)`` on its ``linear_features`` (DINO's
+``LinearClassifier``: weight ~ N(0, 0.01), bias 0; ViT-S/16: the class tokens of the last 4
+blocks, 4 x 384 = 1536-d; ResNet / ConvNeXt / Swin / BC-SSL: the pooled features), cross-entropy,
+SGD with momentum 0.9 and no weight decay, lr = ``linear.lr`` (0.001) x global batch / 256,
+cosine-annealed to 0 over the epochs (``CosineAnnealingLR(T_max=epochs, eta_min=0)``, stepped once
+per epoch), 100 epochs. ``linear.protocol``:
 
-* ``linear.augment=false`` (default): the backbone sees each image once, with the evaluation
-  preprocessing, and its features are cached per checkpoint (``<run_dir>/cache``); the layer is
-  then trained on the in-memory feature tensor, shuffled each epoch by a seeded generator.
-* ``linear.augment=true``: DINO's training transform for the probe (RandomResizedCrop, scale
-  0.08-1, + horizontal flip), batched on the device, through the frozen backbone every step.
-
-Reported: top-1/top-5 on ``data.eval_split`` after the last epoch (DINO prints the best accuracy
-seen over its periodic evaluations, which selects on the evaluation set; we do not).
+* ``dino_eval_linear`` (the default on image folders): DINO's training transform every step
+  (RandomResizedCrop(224), scale 0.08-1, + horizontal flip, + normalise; batched on the device),
+  the frozen backbone run on it, every torchrun process on its slice of each global batch of
+  ``linear.batch_size`` with the layer in DistributedDataParallel; evaluated after every epoch
+  (DINO's ``val_freq=1``) on the evaluation split with Resize(256) + CenterCrop(224) -- the
+  backbone is frozen and that transform fixed, so its features are extracted once and cached --
+  reporting the last epoch (``linear_top1``) and the best one (``best_top1``, what DINO prints,
+  selected on the evaluation set). Checkpoints (atomic, ``<run>/linear/checkpoint.pt``) every
+  ``linear.checkpoint_every_steps`` and at each epoch end: a killed probe resumes exactly.
+* ``cached_features`` (the default on in-memory sets, Fashion-MNIST / CIFAR / STL): the fast
+  probe -- the backbone sees each image once, with the evaluation preprocessing, the features are
+  cached per checkpoint (``<run_dir>/cache``) and the layer is trained on the feature tensor,
+  shuffled each epoch by a seeded generator. On 28 px Fashion-MNIST, 100 augmented epochs
+  through the backbone cost hours on a CPU; the presets keep this probe.
 
 ``linear.normalize_features=true`` standardises each feature with the training mean/std (a
 BatchNorm without affine, as MAE's probe); the statistics are folded into the saved layer, so
-:func:`load_linear_classifier` always applies to the backbone's raw features.
+:func:`load_linear_classifier` always applies to the backbone's raw linear features.
 """
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import time
@@ -36,6 +45,9 @@ from bcssl.engine.amp import autocast as amp_autocast
 from bcssl.engine.run_dir import write_json
 from bcssl.engine.runtime import load_run
 from bcssl.eval.features import run_features
+from bcssl.eval.registry import Evaluation
+
+log = logging.getLogger("bcssl")
 
 LINEAR_WEIGHTS = "linear.safetensors"
 LINEAR_JSON = "linear.json"
@@ -226,56 +238,22 @@ class LinearEvalAugment:
             ratio=tuple(ratio), flip_p=0.5, jitter_p=0.0, grayscale_p=0.0, blur_p=(0.0, 0.0, 0.0),
             solarize_p=(0.0, 0.0, 0.0), mean=self.mean, std=self.std))
 
-    def __call__(self, images: torch.Tensor, seed: int) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, seed: int, offset: int = 0, global_batch: int | None = None
+                 ) -> torch.Tensor:
+        """``images`` are items ``offset..`` of a global batch of ``global_batch`` (a torchrun
+        process's slice): the boxes are drawn for the global batch, so N processes crop as one."""
         from bcssl.data.multicrop import resized_crop
 
-        p = self._sampler.sample_params(images.shape[0], seed, image_size=tuple(images.shape[-2:]))
+        b = images.shape[0]
+        p = self._sampler.sample_params(global_batch or b, seed, image_size=tuple(images.shape[-2:]))
+        if global_batch:
+            p = self._sampler.slice_params(p, offset, offset + b)
         x = resized_crop(images.float().div_(255), p["box"][:, 0], p["flip"][:, 0], self.size)
         if x.shape[1] == 1:
             x = x.expand(-1, 3, -1, -1)
         m = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
         s = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
         return (x - m) / s
-
-
-def train_linear_augmented(backbone: nn.Module, loader, augment: Callable[[torch.Tensor, int], torch.Tensor],
-                           test_f: torch.Tensor, test_y: torch.Tensor, num_classes: int, epochs: int = 100,
-                           lr: float = 0.001, *, momentum: float = 0.9, weight_decay: float = 0.0,
-                           norm: tuple[torch.Tensor, torch.Tensor] | None = None, seed: int = 0,
-                           device: torch.device | str = "cpu", amp: str = "none", channels_last: bool = False,
-                           progress: bool = False, desc: str = "linear probe (augmented)") -> dict:
-    """Train the probe with ``augment(images, seed)`` applied to every uint8 batch of
-    ``loader`` (a shuffling :class:`~bcssl.data.BatchLoader`) and the frozen eval-mode
-    ``backbone`` run on the result each step. ``lr`` is at batch 256 (scaled by the loader's
-    batch size); ``norm`` = (mean, 1/std) standardises the features. Returns as :func:`train_linear`."""
-    from bcssl.engine.runtime import step_seed
-
-    device = torch.device(device)
-    t0 = time.perf_counter()
-    was_training = backbone.training
-    backbone.eval()
-    autocast = amp_autocast(amp, device)
-    steps = len(loader)
-
-    def epoch_batches(epoch: int):
-        for i, (images, y) in enumerate(loader.epoch(epoch)):
-            if images.shape[0] == 0:
-                continue
-            x = augment(images.to(device, non_blocking=True), step_seed(seed + 2, epoch * steps + i))
-            if channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
-            with torch.no_grad(), autocast:
-                f = backbone(x)
-            yield f.float(), y.to(device).long()
-
-    layer = make_classifier(int(test_f.shape[1]), num_classes, seed)
-    try:
-        lrs, losses = _fit(layer, epoch_batches, steps, epochs=epochs, lr=scaled_lr(lr, loader.global_batch_size),
-                           momentum=momentum, weight_decay=weight_decay, device=device, norm=norm,
-                           progress=progress, desc=desc)
-    finally:
-        backbone.train(was_training)
-    return _finish(layer, norm, test_f, test_y, device, lrs, losses, t0)
 
 
 # --------------------------------------------------------------------------------------------
@@ -362,68 +340,258 @@ def load_linear_classifier(run_dir: str | os.PathLike) -> nn.Linear:
     return layer.eval()
 
 
+def _protocol(cfg) -> str:
+    p = cfg.linear.protocol
+    if p == "auto":  # augmented DINO protocol where it matters; the fast one on small in-memory sets
+        return "dino_eval_linear" if cfg.data.name == "image_folder" else "cached_features"
+    return p
+
+
+def _slice_of(global_n: int, world: int, rank: int) -> tuple[int, int]:
+    """Offset and size of rank's slice of a global batch of ``global_n`` (``torch.tensor_split``,
+    as :class:`~bcssl.data.BatchLoader` splits it)."""
+    sizes = [len(c) for c in torch.tensor_split(torch.arange(global_n), world)]
+    return sum(sizes[:rank]), sizes[rank]
+
+
+def dino_eval_linear(loaded, train_set, test_f: torch.Tensor, test_y: torch.Tensor, num_classes: int, *,
+                     dist, device: torch.device, out_dir: Path, norm=None, progress: bool = True) -> dict:
+    """DINO's augmented, distributed, per-epoch-evaluated probe (see the module docstring) on
+    ``train_set``; ``test_f``/``test_y``: the evaluation split's linear features. Resumes from
+    ``out_dir/checkpoint.pt``. Returns :func:`train_linear`'s keys plus ``history`` (one
+    ``{"epoch", "loss", "lr", "top1", "top5"}`` per epoch), ``best_top1``/``best_top5``/``best_epoch``."""
+    from bcssl.data import BatchLoader
+    from bcssl.engine import checkpoint as ckpt
+    from bcssl.engine import distributed as ddp
+    from bcssl.engine.runtime import step_seed
+    from bcssl.eval.features import linear_features_of
+
+    cfg = loaded.cfg
+    lc, d, c = cfg.linear, cfg.data, cfg.crops
+    world, rank = dist.world_size, dist.rank
+    if lc.batch_size % world:
+        raise ValueError(f"linear.batch_size {lc.batch_size} (all processes together) must be a multiple of the "
+                         f"{world} processes")
+    t0 = time.perf_counter()
+    loader = BatchLoader(train_set, lc.batch_size // world, seed=cfg.seed, shuffle=True, drop_last=False,
+                         workers=d.workers, pin_memory=device.type == "cuda", limit=lc.train_limit,
+                         rank=rank, world_size=world)
+    steps, epochs, n_train = len(loader), int(lc.epochs), loader.num_items
+    augment = LinearEvalAugment(c.global_size, c.mean, c.std, scale=tuple(lc.crop_scale))
+    backbone = loaded.backbone.to(device).eval().requires_grad_(False)
+    features_of, kind = linear_features_of(backbone)
+    autocast = amp_autocast(cfg.train.amp, device)
+    dim = int(test_f.shape[1])
+    layer = make_classifier(dim, num_classes, cfg.seed).to(device)
+    net = (nn.parallel.DistributedDataParallel(layer, device_ids=[device] if device.type == "cuda" else None)
+           if dist.enabled else layer)
+    base_lr = scaled_lr(lc.lr, lc.batch_size)
+    lrs = cosine_epoch_lrs(base_lr, epochs)
+    opt = torch.optim.SGD(layer.parameters(), lr=base_lr, momentum=lc.momentum, weight_decay=lc.weight_decay)
+    if norm is not None:
+        mean, inv_std = (t.to(device) for t in norm)
+
+    # What the checkpoint must agree on to be resumed: the weights probed and the recipe.
+    recipe = {"checkpoint_sha256": loaded.checkpoint_sha256, "encoder": loaded.encoder, "features": kind,
+              "dim": dim, "num_classes": num_classes, "train_images": n_train, "seed": int(cfg.seed),
+              **{k: (list(v) if k == "crop_scale" else v) for k, v in lc.items()
+                 if k not in ("cache", "checkpoint_every_steps", "protocol", "test_limit")}}
+    ck_path = out_dir / "checkpoint.pt"
+    step, history, partial = 0, [], [0.0, 0]
+    resume = ckpt.latest(out_dir)
+    if resume is not None:
+        state = ckpt.load(resume)
+        if state.get("recipe") != recipe:
+            raise ValueError(f"{ck_path} belongs to another checkpoint or linear.* recipe; remove {out_dir} to "
+                             "start the probe over")
+        layer.load_state_dict(state["layer"])
+        opt.load_state_dict(state["optimizer"])
+        step, history, partial = int(state["step"]), list(state["history"]), list(state["partial"])
+        log.info("linear probe: resuming at step %d/%d", step, steps * epochs)
+
+    def save(at: int, part) -> None:
+        if dist.is_main:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            ckpt.save({"layer": layer.state_dict(), "optimizer": opt.state_dict(), "step": at,
+                       "history": history, "partial": part, "recipe": recipe}, ck_path)
+        ddp.barrier()
+
+    def evaluate() -> tuple[float, float]:
+        with torch.no_grad():
+            clf = layer if norm is None else fold_normalization(layer, *norm).to(device)
+        return topk_accuracy(clf, test_f, test_y, device=device)
+
+    bar = tqdm(total=steps * epochs, initial=step, desc="linear probe (dino_eval_linear)",
+               disable=not (progress and dist.is_main), dynamic_ncols=True)
+    layer.train()
+    for epoch in range(step // steps, epochs):
+        for group in opt.param_groups:
+            group["lr"] = lrs[epoch]
+        first = step - epoch * steps
+        # this epoch's loss: the part before a resume (all ranks' sum, kept by rank 0) + this run's
+        total = torch.tensor(partial[0] if dist.is_main else 0.0, dtype=torch.float64, device=device)
+        seen = torch.tensor(partial[1] if dist.is_main else 0, dtype=torch.float64, device=device)
+        for images, y in loader.epoch(epoch, start_step=first):
+            global_n = min(loader.global_batch_size, loader.num_items - step % steps * loader.global_batch_size)
+            offset, _ = _slice_of(global_n, world, rank)
+            y = y.to(device).long()
+            if images.shape[0]:
+                x = augment(images.to(device, non_blocking=True), step_seed(cfg.seed + 2, step), offset,
+                            global_n if world > 1 else None)
+                if cfg.train.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with torch.no_grad(), autocast:
+                    f = features_of(x).float()
+            else:  # every image of this slice unreadable: still take part in the gradient all-reduce
+                f = torch.zeros(0, dim, device=device)
+            if norm is not None:
+                f = (f - mean) * inv_std
+            loss_sum = F.cross_entropy(net(f), y, reduction="sum")
+            # the mean over the global batch (DDP averages the ranks' gradients: x world / count)
+            count = y.shape[0]
+            if dist.enabled:
+                count = int(ddp.all_reduce_sum(torch.tensor(float(count), device=device)).item())
+            opt.zero_grad(set_to_none=True)
+            (loss_sum * (world / max(count, 1))).backward()
+            opt.step()
+            total += loss_sum.detach().double()
+            seen += y.shape[0]
+            step += 1
+            bar.update(1)
+            if lc.checkpoint_every_steps and step % lc.checkpoint_every_steps == 0 and step % steps:
+                t, n = ddp.all_reduce_sum(torch.stack([total, seen])).tolist()
+                save(step, [t, int(n)])
+        t, n = ddp.all_reduce_sum(torch.stack([total, seen])).tolist()
+        epoch_loss = t / max(n, 1)
+        if not math.isfinite(epoch_loss):
+            raise ValueError(f"the linear probe's loss became {epoch_loss} in epoch {epoch + 1}; lower linear.lr")
+        top1, top5 = evaluate()
+        layer.train()
+        history.append({"epoch": epoch + 1, "loss": epoch_loss, "lr": lrs[epoch], "top1": top1, "top5": top5})
+        bar.set_postfix(loss=f"{epoch_loss:.4f}", top1=f"{top1:.2f}", refresh=False)
+        partial = [0.0, 0]
+        save(step, partial)
+    bar.close()
+    layer.eval()
+    best = max(history, key=lambda h: h["top1"])
+    final = layer.cpu() if norm is None else fold_normalization(layer, *norm)
+    return {"classifier": final.cpu().eval(), "top1": history[-1]["top1"], "top5": history[-1]["top5"],
+            "lrs": lrs, "losses": [h["loss"] for h in history], "history": history, "best_top1": best["top1"],
+            "best_top5": best["top5"], "best_epoch": best["epoch"], "train_s": time.perf_counter() - t0,
+            "train_images": n_train, "features": kind}
+
+
 def linear_probe(run_dir: str | os.PathLike, overrides: Sequence[str] = (), device=None,
                  progress: bool = True) -> dict:
     """Train and evaluate the linear probe of a run's eval backbone (``linear.*`` config keys;
-    dotlist ``overrides`` apply on top of the run's saved config). Writes ``linear.safetensors``,
+    dotlist ``overrides`` apply on top of the run's saved config) with ``linear.protocol``.
+    Under torchrun every process takes part. Writes (rank 0) ``linear.safetensors``,
     ``linear.json`` and a ``{"kind": "linear"}`` record in ``metrics.jsonl``; returns the
     ``linear.json`` dict (with ``run_dir``)."""
-    from bcssl.data import BatchLoader, train_and_eval_sets
-    from bcssl.engine.runtime import resolve_device
+    from bcssl.data import train_and_eval_sets
+    from bcssl.engine import distributed as ddp
+    from bcssl.eval.features import linear_features_of
 
     t_start = time.perf_counter()
     run = Path(run_dir)
     loaded = load_run(run, overrides)
     cfg = loaded.cfg
-    lc, d, c = cfg.linear, cfg.data, cfg.crops
+    lc, d = cfg.linear, cfg.data
     _check_linear_config(lc)
+    protocol = _protocol(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    device = resolve_device(str(device) if device is not None else cfg.device)
-    backbone = loaded.backbone.to(device).requires_grad_(False)
+    with ddp.process_group(str(device) if device is not None else cfg.device) as (dist, device):
+        backbone = loaded.backbone.to(device).requires_grad_(False)
+        kind = linear_features_of(backbone)[1]
+        sets = train_and_eval_sets(d)
+        train_set = sets[d.split]
+        num_classes = int(train_set.num_classes)
 
-    sets = train_and_eval_sets(d)
-    train_set = sets[d.split]
-    num_classes = int(train_set.num_classes)
-    pin = device.type == "cuda"
+        def features(split: str, limit) -> tuple[torch.Tensor, torch.Tensor]:
+            return run_features(loaded, split, limit, device=device, cache=lc.cache, progress=progress,
+                                dataset=sets[split], features="linear")
 
-    def features(split: str, limit) -> tuple[torch.Tensor, torch.Tensor]:
-        return run_features(loaded, split, limit, device=device, cache=lc.cache, progress=progress,
-                            dataset=sets[split])
+        test_f, test_y = features(d.eval_split, lc.test_limit)
+        if protocol == "cached_features":
+            train_f, train_y = features(d.split, lc.train_limit)
+            res = train_linear(train_f, train_y, test_f, test_y, num_classes, lc.epochs, lc.lr, lc.batch_size,
+                               momentum=lc.momentum, weight_decay=lc.weight_decay, normalize=lc.normalize_features,
+                               seed=cfg.seed, device=device, progress=progress and dist.is_main)
+            n_train = int(train_y.shape[0])
+        else:
+            norm = feature_stats(features(d.split, lc.train_limit)[0]) if lc.normalize_features else None
+            res = dino_eval_linear(loaded, train_set, test_f, test_y, num_classes, dist=dist, device=device,
+                                   out_dir=run / "linear", norm=norm, progress=progress)
+            n_train = res["train_images"]
 
-    test_f, test_y = features(d.eval_split, lc.test_limit)
-    common = dict(momentum=lc.momentum, weight_decay=lc.weight_decay, seed=cfg.seed, device=device,
-                  progress=progress)
-    if not lc.augment:
-        train_f, train_y = features(d.split, lc.train_limit)
-        res = train_linear(train_f, train_y, test_f, test_y, num_classes, lc.epochs, lc.lr, lc.batch_size,
-                           normalize=lc.normalize_features, **common)
-        n_train = int(train_y.shape[0])
-    else:
-        norm = feature_stats(features(d.split, lc.train_limit)[0]) if lc.normalize_features else None
-        loader = BatchLoader(train_set, lc.batch_size, seed=cfg.seed, shuffle=True, drop_last=False,
-                             workers=d.workers, pin_memory=pin, limit=lc.train_limit)
-        augment = LinearEvalAugment(c.global_size, c.mean, c.std, scale=tuple(lc.crop_scale))
-        res = train_linear_augmented(backbone, loader, augment, test_f, test_y, num_classes, lc.epochs, lc.lr,
-                                     norm=norm, amp=cfg.train.amp, channels_last=cfg.train.channels_last, **common)
-        n_train = loader.num_items
-
-    layer = res["classifier"]
-    result = {
-        "run_dir": str(run), "linear_top1": res["top1"], "linear_top5": res["top5"], "epochs": int(lc.epochs),
-        "lr": scaled_lr(lc.lr, lc.batch_size), "base_lr": float(lc.lr), "batch_size": int(lc.batch_size),
-        "momentum": float(lc.momentum), "weight_decay": float(lc.weight_decay), "augment": bool(lc.augment),
-        "normalize_features": bool(lc.normalize_features), "num_classes": num_classes,
-        "feature_dim": int(layer.in_features), "dataset": d.name, "train_images": n_train,
-        "eval_split": d.eval_split, "eval_images": int(test_y.shape[0]), "final_loss": res["losses"][-1],
-        "train_s": res["train_s"], "wall_s": time.perf_counter() - t_start,
-        "checkpoint": str(loaded.checkpoint_path), "checkpoint_step": loaded.step,
-        "checkpoint_sha256": loaded.checkpoint_sha256, "encoder": loaded.encoder,
-    }
-    save_linear_classifier(layer, run, {"checkpoint_sha256": loaded.checkpoint_sha256,
-                                        "num_classes": num_classes, "feature_dim": layer.in_features})
-    write_json(run / LINEAR_JSON, result)
-    _append_metrics(run, {"kind": "linear", "step": _last_step(run, loaded.step), "top1": res["top1"],
-                          "top5": res["top5"], "epochs": int(lc.epochs), "lr": result["lr"],
-                          "augment": bool(lc.augment), "train_s": res["train_s"]})
+        layer = res["classifier"]
+        result = {
+            "run_dir": str(run), "protocol": protocol, "linear_top1": res["top1"], "linear_top5": res["top5"],
+            "epochs": int(lc.epochs), "lr": scaled_lr(lc.lr, lc.batch_size), "base_lr": float(lc.lr),
+            "batch_size": int(lc.batch_size), "momentum": float(lc.momentum), "weight_decay": float(lc.weight_decay),
+            "augment": protocol == "dino_eval_linear", "features": kind,
+            "normalize_features": bool(lc.normalize_features), "num_classes": num_classes,
+            "feature_dim": int(layer.in_features), "dataset": d.name, "train_images": n_train,
+            "eval_split": d.eval_split, "eval_images": int(test_y.shape[0]), "final_loss": res["losses"][-1],
+            "processes": dist.world_size, "train_s": res["train_s"], "wall_s": time.perf_counter() - t_start,
+            "checkpoint": str(loaded.checkpoint_path), "checkpoint_step": loaded.step,
+            "checkpoint_sha256": loaded.checkpoint_sha256, "encoder": loaded.encoder,
+        }
+        if protocol == "dino_eval_linear":
+            result.update(best_top1=res["best_top1"], best_top5=res["best_top5"], best_epoch=res["best_epoch"],
+                          crop_scale=list(lc.crop_scale), history=res["history"])
+        if dist.is_main:
+            save_linear_classifier(layer, run, {"checkpoint_sha256": loaded.checkpoint_sha256, "protocol": protocol,
+                                                "num_classes": num_classes, "feature_dim": layer.in_features,
+                                                "features": kind})
+            write_json(run / LINEAR_JSON, result)
+            _append_metrics(run, {"kind": "linear", "step": _last_step(run, loaded.step), "top1": res["top1"],
+                                  "top5": res["top5"], "epochs": int(lc.epochs), "lr": result["lr"],
+                                  "protocol": protocol, "train_s": res["train_s"]})
+        ddp.barrier()
     return result
+
+
+def _protocol_label(lin: dict) -> str:
+    if not lin:
+        return "-"
+    if lin.get("protocol"):
+        return str(lin["protocol"])
+    return "augmented (older bcssl)" if lin.get("augment") else "cached_features"  # linear.json before protocols
+
+
+class Linear(Evaluation):
+    name = "linear"
+    section = "linear"
+    distributed = True
+    sweep_metrics = {"linear_top1": ("linear probe top-1 (%)", True)}
+
+    def run(self, run_dir, overrides=(), *, progress: bool = True, **options) -> dict:
+        return linear_probe(run_dir, overrides, progress=progress)
+
+    def summary(self, r: dict, run_dir) -> str:
+        best = (f"; best {r['best_top1']:.2f}% at epoch {r['best_epoch']}" if r.get("best_top1") is not None else "")
+        return (f"linear probe ({r['protocol']}) top-1 {r['linear_top1']:.2f}%, top-5 {r['linear_top5']:.2f}% after "
+                f"{r['epochs']} epochs{best} ({r['train_s']:.0f} s); classifier: {Path(run_dir) / LINEAR_WEIGHTS}")
+
+    def report_columns(self, run):
+        from bcssl.eval.report import _f, _final_linear
+
+        top1, top5, _ = _final_linear(run)
+        lin = run.results.get("linear") or {}
+        return [("linear top-1", _f(top1)), ("linear top-5", _f(top5)), ("linear best top-1", _f(lin.get("best_top1"))),
+                ("linear protocol", _protocol_label(lin))]
+
+    def report_sources(self, run):
+        from bcssl.eval.report import _final_linear
+
+        src = _final_linear(run)[2]
+        return [f"linear from {src}"] if src else []
+
+    def sweep_values(self, r: dict) -> dict:
+        return {"linear_top1": r["linear_top1"], "linear_top5": r["linear_top5"],
+                "linear_protocol": r.get("protocol", "cached_features")}
+
+
+EVALUATION = Linear()

@@ -1,9 +1,9 @@
 """``bcssl report``: one markdown report + PNG figures from one or several run directories.
 
 Everything is read from what the run directory already holds (no model is loaded, nothing is
-evaluated here): ``config.yaml``, ``metrics.jsonl`` and, where present, ``knn.json``,
-``linear.json``, ``robustness.json``, ``detection.json``, ``throughput.json``, ``demo.json``, ``cam.png`` /
-``cam.json``. A missing piece is skipped, so a run that has logged only a few training steps
+evaluated here): ``config.yaml``, ``metrics.jsonl``, ``demo.json`` and, where present, the
+``<name>.json`` of every registered evaluation (:mod:`bcssl.eval.registry`: ``knn.json``,
+``linear.json``, ``robustness.json``, ... each adds its columns and section). A missing piece is skipped, so a run that has logged only a few training steps
 still gets a report. Figures are drawn with matplotlib's Agg canvas (no display, no pyplot
 global state):
 
@@ -42,22 +42,46 @@ _FOLDER_BENCHMARKS = ("ImageNet-A", "ImageNet-R", "ImageNet-Sketch")
 
 @dataclass
 class RunData:
-    """What one run directory holds, read leniently (absent files are ``None``/empty)."""
+    """What one run directory holds, read leniently (absent files are ``None``/empty).
+
+    ``results``: ``{name: <run>/<name>.json}`` of every registered evaluation that ran
+    (:mod:`bcssl.eval.registry`); ``knn``, ``linear``, ... are shortcuts to them."""
 
     path: Path
     name: str
     config: dict = field(default_factory=dict)
     metrics: list = field(default_factory=list)
-    knn: dict | None = None
-    linear: dict | None = None
-    robustness: dict | None = None
-    throughput: list | None = None
+    results: dict = field(default_factory=dict)
     demo: dict | None = None
     cam_png: Path | None = None
-    cam: dict | None = None
-    detection: dict | None = None
     notes: list = field(default_factory=list)  # things that could not be read, odd records
     label: str = ""  # legend label, set by :func:`load_runs` (unique across the report)
+
+    @property
+    def knn(self) -> dict | None:
+        return self.results.get("knn")
+
+    @property
+    def linear(self) -> dict | None:
+        return self.results.get("linear")
+
+    @property
+    def robustness(self) -> dict | None:
+        return self.results.get("robustness")
+
+    @property
+    def detection(self) -> dict | None:
+        return self.results.get("detection")
+
+    @property
+    def cam(self) -> dict | None:
+        return self.results.get("cam")
+
+    @property
+    def throughput(self) -> list | None:
+        tp = self.results.get("throughput")
+        rows = tp.get("rows") if isinstance(tp, dict) else tp
+        return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else None
 
     def cfg(self, dotted: str, default: Any = None) -> Any:
         node: Any = self.config
@@ -142,17 +166,20 @@ def load_run(run_dir: str | os.PathLike) -> RunData:
     run = RunData(path=path, name=path.name, config=config, notes=notes)
     run.name = str(run.cfg("run.name") or path.resolve().name)
     run.metrics = _read_metrics(path / "metrics.jsonl", notes)
-    for attr, fname in (("knn", "knn.json"), ("linear", "linear.json"), ("robustness", "robustness.json"),
-                        ("demo", "demo.json"), ("cam", "cam.json"), ("detection", "detection.json")):
+    from bcssl.eval.registry import names
+
+    for name in [*names(), "demo"]:
+        fname = f"{name}.json"
         value = _read_json(path / fname, notes)
+        if name == "throughput" and isinstance(value, list):  # older throughput.json: the rows alone
+            value = {"rows": value}
         if value is not None and not isinstance(value, dict):
             notes.append(f"`{fname}` is not a JSON object; skipped")
             value = None
-        setattr(run, attr, value)
-    tp = _read_json(path / "throughput.json", notes)
-    if isinstance(tp, dict):
-        tp = tp.get("rows")
-    run.throughput = [r for r in tp if isinstance(r, dict)] if isinstance(tp, list) else None
+        if name == "demo":
+            run.demo = value
+        elif value is not None:
+            run.results[name] = value
     run.cam_png = path / "cam.png" if (path / "cam.png").is_file() else None
     return run
 
@@ -415,7 +442,7 @@ def _robustness_rows(run: RunData) -> list[dict]:
         return robustness_report_rows(run.robustness)
     except (KeyError, TypeError, ValueError, AttributeError) as e:
         run.notes.append(f"`robustness.json` has an unexpected layout ({type(e).__name__}: {e}); skipped")
-        run.robustness = None
+        run.results.pop("robustness", None)
         return []
 
 
@@ -474,19 +501,18 @@ def _drop_empty_columns(header: list[str], rows: list[list[str]], keep: int = 1)
 
 
 def results_rows(runs: Sequence[RunData]) -> tuple[list[str], list[list[str]]]:
-    """The results table (header, rows): one row per run; columns nobody has are dropped."""
-    rob = {r.label: _robustness_summary(_robustness_rows(r)) for r in runs}
-    corr_bench = [b for b in dict.fromkeys(b for s in rob.values() for b in s) if b not in _FOLDER_BENCHMARKS]
-    folder_bench = [b for b in _FOLDER_BENCHMARKS if any(b in s for s in rob.values())]
-    header = ["run", "model", "kernel", "epochs", "k-NN top-1", "k-NN top-5", "linear top-1", "linear top-5"]
-    for b in corr_bench:
-        header += [f"{b} mean err", f"{b} mCE"]
-    header += [f"{b} top-1" for b in folder_bench]
-    header += ["box AP", "mask AP", "k-NN raw pixels", "k-NN random init", "images seen", "img/s (train)"]
+    """The results table (header, rows): one row per run, the columns of every registered
+    evaluation (:meth:`~bcssl.eval.registry.Evaluation.report_columns`, in registry order) between
+    the run's description and the demo's numbers; columns nobody has are dropped."""
+    from bcssl.eval.registry import all_evaluations
+
+    evaluations = all_evaluations()
+    cells = [dict(c for ev in evaluations for c in ev.report_columns(r)) for r in runs]
+    eval_header = list(dict.fromkeys(h for ev in evaluations for r in runs for h, _ in ev.report_columns(r)))
+    header = ["run", "model", "kernel", "epochs", *eval_header,
+              "k-NN raw pixels", "k-NN random init", "images seen", "img/s (train)"]
     rows = []
-    for r in runs:
-        knn1, knn5, _ = _final_knn(r)
-        lin1, lin5, _ = _final_linear(r)
+    for r, c in zip(runs, cells):
         ep = _epochs_trained(r)
         planned = r.cfg("train.epochs")
         if r.demo and r.demo.get("epochs") is not None:
@@ -496,13 +522,7 @@ def results_rows(runs: Sequence[RunData]) -> tuple[list[str], list[list[str]]]:
         else:
             epochs = "-" if planned is None else f"0 / {planned}"
         row = [r.name, str(r.cfg("model.name", "-")), _fmt_kernel(r.cfg("model.kernel_size")), epochs,
-               _f(knn1), _f(knn5), _f(lin1), _f(lin5)]
-        s = rob[r.label]
-        for b in corr_bench:
-            row += [_f(s.get(b, {}).get("error")), _f(s.get(b, {}).get("ce"))]
-        row += [_f(s.get(b, {}).get("top1")) for b in folder_bench]
-        det = r.detection or {}
-        row += [_f(det.get("box_AP")), _f(det.get("mask_AP"))]
+               *[c.get(h, "-") for h in eval_header]]
         d = r.demo or {}
         row += [_f(d.get("baseline_pixels_knn_top1")), _f(d.get("baseline_random_knn_top1")),
                 _int(d.get("images_seen")), _f(_imgs_per_s(r), 1)]
@@ -520,10 +540,11 @@ def _results_section(runs: Sequence[RunData]) -> list[str]:
              "planned (from the training log; the demo's own count when `demo.json` exists); img/s: "
              "the demo's training average, else the median of the logged training throughput.", ""]
     lines += _table(header, rows)
+    from bcssl.eval.registry import all_evaluations
+
     sources = []
     for r in runs:
-        knn_src, lin_src = _final_knn(r)[2], _final_linear(r)[2]
-        src = ([f"k-NN from {knn_src}"] if knn_src else []) + ([f"linear from {lin_src}"] if lin_src else [])
+        src = [line for ev in all_evaluations() for line in ev.report_sources(r)]
         if src:
             sources.append(f"- {r.name}: " + "; ".join(src))
     if sources:
@@ -573,6 +594,15 @@ def _robustness_section(runs: Sequence[RunData]) -> list[str]:
     lines += ["Errors / top-1 in %; mCE: mean corruption error relative to AlexNet (ImageNet-C only); "
               "lower error and mCE are better, higher ImageNet-A/-R/-Sketch top-1 is better.", ""]
     lines += _table(header, table) + [""]
+    from bcssl.eval.robustness import _BENCHMARK_NAMES
+
+    for r, _ in per_run:  # how many images each number rests on, and whether a subset
+        results = r.robustness.values() if "benchmark" not in r.robustness else [r.robustness]
+        sizes = [f"{_BENCHMARK_NAMES.get(v.get('benchmark'), v.get('benchmark'))}: {_int(v.get('n_images'))} images"
+                 + (f" ({v['images']})" if v.get("images") else "") for v in results if isinstance(v, dict)]
+        if sizes:
+            lines.append(f"- {r.name}: " + "; ".join(sizes))
+    lines.append("")
     for r, rows in per_run:
         corr = [row for row in rows if row["benchmark"] not in _FOLDER_BENCHMARKS]
         if not corr:
@@ -735,9 +765,10 @@ def write_report(run_dirs: str | os.PathLike | Sequence[str | os.PathLike], out_
                       "near 1.0 (dashed line): the teacher output is uniform (collapse by flattening). "
                       "Batch-mean entropy near 0: every image gets the same prototype (collapse by one "
                       "dimension dominating). Healthy: per-sample low, batch-mean high.", ""]
-    lines += _robustness_section(runs)
-    lines += _throughput_section(runs)
-    lines += _cam_section(runs, out, fig_dir)
+    from bcssl.eval.registry import all_evaluations
+
+    for ev in all_evaluations():
+        lines += ev.report_section(runs, out, fig_dir)
     lines += _config_section(runs, out)
     lines += _notes_section(runs)
 

@@ -47,7 +47,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bcssl.engine.amp import autocast as amp_autocast
-from bcssl.eval.features import eval_preprocess
+from bcssl.eval.features import eval_preprocess, linear_features_of
+from bcssl.eval.registry import Evaluation
 from bcssl.eval.imagenet_subsets import (
     IMAGENET_A_INDICES,
     IMAGENET_R_INDICES,
@@ -277,7 +278,7 @@ class _Predictor:
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         x = eval_preprocess(images.to(self.device, non_blocking=True), self.size, self.mean, self.std)
         with amp_autocast(self.amp, self.device):
-            feats = self.backbone(x)
+            feats = linear_features_of(self.backbone)[0](x)  # what the linear probe was trained on
         logits = self.classifier(feats.float().to(self.clf_device)).float()
         if self.subset is None:
             return logits.argmax(1).cpu()
@@ -344,6 +345,28 @@ def _summarise_table(benchmark: str, corruptions, severities, errors: dict, *, i
     return out
 
 
+def subset_indices(n: int, limit: int | None, sampling: str) -> range | list[int]:
+    """The items a ``limit`` keeps of ``n``: all (``limit`` None or >= n), the ``first`` ones, or
+    ``strided`` (evenly spaced over the whole set: every class of a class-sorted folder)."""
+    if limit is None or limit >= n:
+        return range(n)
+    if limit < 1:
+        raise ValueError(f"a robustness limit must be >= 1 image, got {limit}")
+    if sampling == "first":
+        return range(limit)
+    if sampling == "strided":
+        return [i * n // limit for i in range(limit)]
+    raise ValueError(f"sampling must be first or strided, got {sampling!r}")
+
+
+def describe_subset(subset: Mapping | None) -> str:
+    """"every image" or "subset of N of M, first" (per folder for released folders)."""
+    if not subset:
+        return "every image"
+    per = " per folder" if subset.get("per_folder") else ""
+    return f"subset of {subset['limit']}{per} of {subset['of']}, {subset['sampling']}"
+
+
 # ----------------------------------------------------------------------------- public API
 
 
@@ -352,7 +375,8 @@ def evaluate_corruptions(backbone: nn.Module, classifier: nn.Module, images_uint
                          corruptions: Sequence[str] = CORRUPTIONS, severities: Sequence[int] = SEVERITIES,
                          batch_size: int = 256, device: torch.device | str = "cpu", progress: bool = True,
                          limit: int | None = None, seed: int = 0, imagenet: bool = False,
-                         class_indices: Sequence[int] | None = None, amp: str = "none") -> dict:
+                         class_indices: Sequence[int] | None = None, amp: str = "none",
+                         sampling: str = "first") -> dict:
     """Corrupt a labelled image set on the fly and measure the classifier's error per
     (corruption, severity), plus the clean error.
 
@@ -362,7 +386,8 @@ def evaluate_corruptions(backbone: nn.Module, classifier: nn.Module, images_uint
             ``torch.no_grad`` (their modes are restored).
         images_uint8, labels: ``(N, C, H, W)`` uint8 and ``(N,)`` class indices (CPU tensors).
         size, mean, std: evaluation preprocessing (:func:`bcssl.eval.features.eval_preprocess`).
-        limit: use only the first ``limit`` images.
+        limit, sampling: use only ``limit`` images, the ``first`` ones or ``strided`` over the set
+            (recorded as ``subset``; None when every image was used).
         seed: corruption seed (see :func:`corrupt`).
         imagenet: the images are ImageNet (224-px) val images: then, with all 5 severities,
             ``ce``/``mce`` normalised by AlexNet are added (``normalised_by_alexnet: True``).
@@ -383,10 +408,16 @@ def evaluate_corruptions(backbone: nn.Module, classifier: nn.Module, images_uint
         raise ValueError(f"images must be uint8 (N, C, H, W), got {images_uint8.dtype} {tuple(images_uint8.shape)}")
     if len(images_uint8) != len(labels):
         raise ValueError(f"{len(images_uint8)} images but {len(labels)} labels")
-    n = len(labels) if limit is None else min(int(limit), len(labels))
-    if n <= 0:
+    if len(labels) == 0 or (limit is not None and limit <= 0):
         raise ValueError("no images to evaluate (empty set or limit 0)")
-    images, labels = images_uint8[:n], labels[:n]
+    keep = subset_indices(len(labels), limit, sampling)
+    subset = None if len(keep) == len(labels) else {"limit": len(keep), "of": len(labels), "sampling": sampling}
+    n = len(keep)
+    if isinstance(keep, range):  # the first n: views, as before
+        images, labels = images_uint8[:n], labels[:n]
+    else:
+        idx = torch.as_tensor(keep, dtype=torch.long)
+        images, labels = images_uint8[idx], labels[idx]
 
     predict = _Predictor(backbone, classifier, size=size, mean=mean, std=std, device=device,
                          class_indices=class_indices, amp=amp)
@@ -402,8 +433,11 @@ def evaluate_corruptions(backbone: nn.Module, classifier: nn.Module, images_uint
                                for start, x, y in _tensor_batches(images, labels, batch_size))
                     errors[c].append(_error(predict, batches)[0])
                     bar.update(1)
-    return _summarise_table("imagenet_c" if imagenet else "corruptions", corruptions, severities, errors,
-                            imagenet=imagenet, clean_error=clean_error, n_images=n, seed=int(seed))
+    out = _summarise_table("imagenet_c" if imagenet else "corruptions", corruptions, severities, errors,
+                           imagenet=imagenet, clean_error=clean_error, n_images=n, seed=int(seed))
+    out["subset"] = subset
+    out["images"] = describe_subset(subset)
+    return out
 
 
 def _class_map(classes: Sequence[str], folder) -> torch.Tensor:
@@ -425,11 +459,15 @@ def _open_folder(root, load_size):
 
 
 def _folder_error(predict: _Predictor, ds, to_index: torch.Tensor, *, batch_size, workers, limit,
-                  progress: bool = False, desc: str = "") -> tuple[float, int, int]:
+                  sampling: str = "strided", progress: bool = False, desc: str = "") -> tuple[float, int, int]:
     from bcssl.data import BatchLoader
+    from bcssl.eval.features import DatasetRows
 
+    keep = subset_indices(len(ds), limit, sampling)
+    if len(keep) < len(ds):
+        ds = DatasetRows(ds, keep)
     loader = BatchLoader(ds, batch_size, shuffle=False, drop_last=False, workers=workers,
-                         pin_memory=predict.device.type == "cuda", limit=limit)
+                         pin_memory=predict.device.type == "cuda")
     batches = tqdm(loader.epoch(0), total=len(loader), desc=desc, disable=not progress)
     err, n = _error(predict, ((x, to_index[y]) for x, y in batches))
     return err, n, loader.skipped
@@ -439,7 +477,7 @@ def evaluate_folder(backbone: nn.Module, classifier: nn.Module, folder: str | os
                     size: int = 224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225),
                     load_size: int | None = None, batch_size: int = 256, device: torch.device | str = "cpu",
                     progress: bool = True, limit: int | None = None, workers: int = 0,
-                    corruptions: Sequence[str] | None = None, amp: str = "none") -> dict:
+                    corruptions: Sequence[str] | None = None, amp: str = "none", sampling: str = "strided") -> dict:
     """Evaluate a 1000-way ImageNet classifier on a released robustness set.
 
     ``kind``:
@@ -451,12 +489,14 @@ def evaluate_folder(backbone: nn.Module, classifier: nn.Module, folder: str | os
 
     Class folder names must be wnids; they map to classifier indices by the sorted 1000-wnid
     list. ``load_size`` defaults to ``size * 256 / 224`` (Resize 256 + CenterCrop 224), and to
-    ``size`` for ImageNet-C, whose images are already 224 centre crops. ``limit`` takes the first
-    N images of each folder (in class order: a biased but cheap smoke test).
+    ``size`` for ImageNet-C, whose images are already 224 centre crops. Every image is evaluated
+    unless ``limit`` is set: then ``limit`` images of each folder, ``strided`` over it (every
+    class) or the ``first`` ones (the first classes only: a biased smoke test), recorded in
+    ``subset`` and ``images`` ("subset of N of M, strided").
 
     Returns for A/R/Sketch ``{"benchmark", "top1" (percent), "error" (fraction), "n_images",
-    "n_classes", "skipped"}``; for ImageNet-C the dict of :func:`evaluate_corruptions` (with
-    ``clean_error`` None).
+    "n_classes", "skipped", "subset", "images"}``; for ImageNet-C the dict of
+    :func:`evaluate_corruptions` (with ``clean_error`` None).
     """
     if kind not in FOLDER_KINDS:
         raise ValueError(f"unknown kind {kind!r}; choose from {', '.join(FOLDER_KINDS)}")
@@ -471,7 +511,7 @@ def evaluate_folder(backbone: nn.Module, classifier: nn.Module, folder: str | os
     subset = {"imagenet_a": IMAGENET_A_INDICES, "imagenet_r": IMAGENET_R_INDICES}.get(kind)
     predict = _Predictor(backbone, classifier, size=size, mean=mean, std=std, device=device,
                          class_indices=subset, amp=amp)
-    kw = dict(batch_size=batch_size, workers=workers, limit=limit)
+    kw = dict(batch_size=batch_size, workers=workers, limit=limit, sampling=sampling)
 
     if kind != "imagenet_c":
         ds, to_index = _open_folder(folder, load_size)
@@ -484,8 +524,10 @@ def evaluate_folder(backbone: nn.Module, classifier: nn.Module, folder: str | os
         with predict:
             err, n, skipped = _folder_error(predict, ds, to_index, progress=progress,
                                             desc=_BENCHMARK_NAMES[kind], **kw)
+        sub = {"limit": min(limit, len(ds)), "of": len(ds), "sampling": sampling} if limit and limit < len(ds) else None
         return {"benchmark": kind, "top1": 100.0 * (1.0 - err), "error": err, "n_images": n,
-                "n_classes": len(subset) if subset is not None else len(IMAGENET_WNIDS), "skipped": skipped}
+                "n_classes": len(subset) if subset is not None else len(IMAGENET_WNIDS), "skipped": skipped,
+                "subset": sub, "images": describe_subset(sub)}
 
     # ImageNet-C tree
     present = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
@@ -506,12 +548,13 @@ def evaluate_folder(backbone: nn.Module, classifier: nn.Module, folder: str | os
         raise ValueError(f"{folder}: every corruption needs the same severity folders 1..5; found "
                          + ", ".join(f"{c}: {v}" for c, v in sev_sets.items()))
     errors: dict[str, list[float]] = {c: [] for c in found}
-    total = skipped = 0
+    total = skipped = in_folders = 0
     with predict, tqdm(total=len(found) * len(severities), desc="ImageNet-C", disable=not progress) as bar:
         for c in found:
             for s in severities:
                 bar.set_postfix_str(f"{c} s{s}")
                 ds, to_index = _open_folder(folder / c / str(s), load_size)
+                in_folders += len(ds)
                 err, n, sk = _folder_error(predict, ds, to_index, **kw)
                 errors[c].append(err)
                 total += n
@@ -520,6 +563,9 @@ def evaluate_folder(backbone: nn.Module, classifier: nn.Module, folder: str | os
     out = _summarise_table("imagenet_c", found, severities, errors, imagenet=True, clean_error=None,
                            n_images=total, seed=None)
     out["skipped"] = skipped
+    out["subset"] = ({"limit": limit, "of": in_folders, "sampling": sampling, "per_folder": True}
+                     if limit and total + skipped < in_folders else None)
+    out["images"] = describe_subset(out["subset"])
     return out
 
 
@@ -562,33 +608,50 @@ def robustness_report_rows(result: Mapping) -> list[dict]:
     return rows
 
 
-def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), *, folder: str | None = None,
-                 kind: str | None = None, corruptions: Sequence[str] = CORRUPTIONS,
-                 severities: Sequence[int] = SEVERITIES, limit: int | None = 1000, device=None,
-                 progress: bool = True) -> dict:
-    """Robustness of a run's eval backbone + linear probe (``bcssl eval robustness RUN``).
+_FROM_CONFIG = object()
 
-    Without ``folder``: corruptions made on the fly from the run's ``data.eval_split`` (first
-    ``limit`` images; ImageNet-C style, for any in-memory dataset). With ``folder`` and ``kind``:
-    a released ImageNet-C/-A/-R/-Sketch folder. Writes ``robustness.json`` (one entry per
-    benchmark, merged with earlier ones) and returns this evaluation's result.
+
+def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), *, folder: str | None = None,
+                 kind: str | None = None, corruptions: Sequence[str] | None = None,
+                 severities: Sequence[int] | None = None, limit=_FROM_CONFIG, sampling: str | None = None,
+                 device=None, progress: bool = True) -> dict:
+    """Robustness of a run's eval backbone + linear probe (``bcssl eval robustness RUN``); each
+    argument left out comes from the run's ``robustness.*`` config.
+
+    Without ``folder``: corruptions made on the fly from the run's ``data.eval_split``
+    (``robustness.corruption_limit`` images, 1000 by default; ImageNet-C style, for any in-memory
+    dataset). With ``folder`` and ``kind``: a released ImageNet-C/-A/-R/-Sketch folder, every image
+    unless ``limit`` (``robustness.folder_limit``) is set. Writes ``robustness.json`` (one entry per
+    benchmark, merged with earlier ones; atomically) and returns this evaluation's result.
     """
     import json
 
     from bcssl.data import dataset_from_config
+    from bcssl.engine.run_dir import write_json
     from bcssl.engine.runtime import load_run_backbone, resolve_device
     from bcssl.eval.linear import load_linear_classifier
 
     cfg, backbone, _ = load_run_backbone(run_dir, overrides)
+    rc = cfg.robustness
+    folder = folder if folder is not None else rc.folder
+    kind = kind if kind is not None else rc.kind
+    if limit is _FROM_CONFIG:
+        limit = rc.folder_limit if folder is not None else rc.corruption_limit
+    sampling = sampling or rc.sampling
+    if sampling == "auto":  # released folders are sorted by class; test sets come shuffled
+        sampling = "strided" if folder is not None else "first"
+    corruptions = list(corruptions or rc.corruptions or CORRUPTIONS)
+    severities = [int(s) for s in (severities or rc.severities)]
     classifier = load_linear_classifier(run_dir)
     device = resolve_device(device or cfg.device)
     c = cfg.crops
     common = dict(size=c.global_size, mean=tuple(c.mean), std=tuple(c.std), batch_size=cfg.eval.batch_size,
-                  device=device, progress=progress, limit=limit, amp=cfg.train.amp)
+                  device=device, progress=progress, limit=limit, amp=cfg.train.amp, sampling=sampling)
     if folder is not None:
         if kind is None:
-            raise ValueError(f"--folder needs --kind, one of {', '.join(FOLDER_KINDS)}")
-        result = evaluate_folder(backbone, classifier, folder, kind, workers=cfg.data.workers, **common)
+            raise ValueError(f"--folder needs --kind (robustness.kind), one of {', '.join(FOLDER_KINDS)}")
+        result = evaluate_folder(backbone, classifier, folder, kind, workers=cfg.data.workers,
+                                 corruptions=rc.corruptions, **common)
         name = kind
     else:
         d = cfg.data
@@ -602,5 +665,84 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), *, f
     out = Path(run_dir) / "robustness.json"
     merged = json.loads(out.read_text()) if out.exists() else {}
     merged[name] = result
-    out.write_text(json.dumps(merged, indent=2) + "\n")
+    write_json(out, merged)
     return result
+
+
+class Robustness(Evaluation):
+    name = "robustness"
+    section = "robustness"
+    requires = ("linear",)  # classifies with the run's linear probe
+    sweep_metrics = {"clean_error": ("clean error (%)", False),
+                     "corruption_error": ("mean corruption error (%)", False)}
+
+    def add_arguments(self, parser) -> None:
+        parser.add_argument("--folder", default=None,
+                            help="a released ImageNet-C/-A/-R/-Sketch folder (class folders named by wnid; "
+                                 "robustness.folder)")
+        parser.add_argument("--kind", default=None, choices=list(FOLDER_KINDS), help="what --folder is")
+        parser.add_argument("--limit", type=int, default=None,
+                            help="evaluate only N images (per folder); 0 = all. Default: "
+                                 "robustness.corruption_limit (1000) on the fly, every image of a folder")
+        parser.add_argument("--sampling", default=None, choices=["first", "strided"],
+                            help="which N images with --limit (default: strided over a folder's classes, the "
+                                 "first N of an in-memory test set)")
+        parser.add_argument("--corruptions", default=None, help="comma-separated subset of the 15 (default: all)")
+        parser.add_argument("--severities", default=None, help="comma-separated, default 1,2,3,4,5")
+
+    def run(self, run_dir, overrides=(), *, progress: bool = True, folder=None, kind=None, limit=None,
+            sampling=None, corruptions=None, severities=None, **options) -> dict:
+        if isinstance(corruptions, str):
+            corruptions = [x for x in corruptions.split(",") if x]
+        if isinstance(severities, str):
+            severities = [int(x) for x in severities.split(",") if x]
+        lim = _FROM_CONFIG if limit is None else (limit or None)  # --limit 0: every image
+        return evaluate_run(run_dir, overrides, folder=folder, kind=kind, corruptions=corruptions,
+                            severities=severities, limit=lim, sampling=sampling, progress=progress)
+
+    def summary(self, r: dict, run_dir) -> str:
+        rows = robustness_report_rows(r)
+        lines = [f"{row['name']:20s} error {row['error']:6.2f}%" + (f"  CE {row['ce']:.2f}" if row.get("ce") else "")
+                 for row in rows]
+        summary = (f"mean corruption error {100 * r['mean_error']:.2f}%" if "mean_error" in r
+                   else f"top-1 {r['top1']:.2f}%")
+        if r.get("mce") is not None:
+            summary += f", mCE {r['mce']:.2f}"
+        summary += f" ({r['n_images']} images: {r.get('images', 'every image')})"
+        return "\n".join(lines + [summary, f"written to {Path(run_dir) / 'robustness.json'}"])
+
+    def report_columns(self, run):
+        from bcssl.eval.report import _FOLDER_BENCHMARKS, _f, _robustness_rows, _robustness_summary
+
+        cols = []
+        for b, m in _robustness_summary(_robustness_rows(run)).items():
+            if b in _FOLDER_BENCHMARKS:
+                cols.append((f"{b} top-1", _f(m.get("top1"))))
+            else:
+                cols += [(f"{b} mean err", _f(m.get("error"))), (f"{b} mCE", _f(m.get("ce")))]
+        return cols
+
+    def report_section(self, runs, out_dir, fig_dir):
+        from bcssl.eval.report import _robustness_section
+
+        return _robustness_section(runs)
+
+    def sweep_values(self, r: dict) -> dict:
+        import statistics
+
+        from bcssl.sweep import CORRUPTION_GROUPS
+
+        out = {}
+        if r.get("mce") is not None:
+            out["mce"] = r["mce"]
+        by = r["mean_error_by_corruption"]
+        if r.get("clean_error") is not None:
+            out["clean_error"] = 100 * r["clean_error"]
+        out.update(corruption_error=100 * r["mean_error"],
+                   corruption_error_by_group={g: 100 * statistics.fmean(by[c] for c in cs if c in by)
+                                              for g, cs in CORRUPTION_GROUPS.items() if any(c in by for c in cs)},
+                   robustness_images=r["n_images"], robustness_subset=r.get("images"))
+        return out
+
+
+EVALUATION = Robustness()

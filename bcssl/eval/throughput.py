@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from bcssl.engine.amp import AMP_MODES
 from bcssl.engine.amp import autocast as amp_autocast
+from bcssl.eval.registry import Evaluation
 from bcssl.models import count_macs, count_params, create_backbone, list_backbones
 from bcssl.models import fold_bn as fold_bn_into_conv
 from bcssl.models.baselines import IMG_SIZE_BASELINES, KERNEL_SIZE_BASELINES
@@ -153,11 +154,20 @@ def benchmark(
     _check_args(resolution, batch_size, amp, warmup, iters)
     if not isinstance(repeats, int) or repeats < 1:
         raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
-    device = torch.device(device)
 
+    models = [(name, _build(name, resolution, kernel_size)) for name in names]
+    return _measure(models, resolution=resolution, batch_size=batch_size, device=device, amp=amp,
+                    channels_last=channels_last, fold_bn=fold_bn, compare_unfolded=compare_unfolded, warmup=warmup,
+                    iters=iters, repeats=repeats, progress=progress)
+
+
+def _measure(models: Sequence[tuple[str, nn.Module]], *, resolution: int, batch_size: int, device, amp: str,
+             channels_last: bool, fold_bn: bool, compare_unfolded: bool, warmup: int, iters: int, repeats: int,
+             progress: bool) -> list[dict]:
+    """:func:`benchmark`'s rows for built ``(name, model)`` pairs."""
+    device = torch.device(device)
     entries: list[dict] = []
-    for name in names:
-        model = _build(name, resolution, kernel_size)
+    for name, model in models:
         ks = getattr(model, "kernel_sizes", None)
         row = dict(
             model=name,
@@ -233,3 +243,39 @@ def format_table(rows: Sequence[dict]) -> str:
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+class Throughput(Evaluation):
+    """The paper's Table 3 columns for a run's architecture (its config's model, BN folded as
+    deployed): per model, not per checkpoint; ``bcssl bench throughput --models`` compares models
+    by name without a run."""
+    name = "throughput"
+    section = "throughput"
+    per_model = True
+
+    def run(self, run_dir, overrides=(), *, progress: bool = True, **options) -> dict:
+        from pathlib import Path
+
+        from bcssl.engine.run_dir import write_json
+        from bcssl.engine.runtime import load_run, resolve_device
+
+        loaded = load_run(run_dir, overrides)
+        cfg, tc = loaded.cfg, loaded.cfg.throughput
+        rows = _measure([(str(cfg.model.name), loaded.backbone.eval())], resolution=tc.resolution,
+                        batch_size=tc.batch_size, device=resolve_device(cfg.device), amp=tc.amp,
+                        channels_last=tc.channels_last, fold_bn=True, compare_unfolded=tc.compare_unfolded,
+                        warmup=tc.warmup, iters=tc.iters, repeats=tc.repeats, progress=progress)
+        result = {"run_dir": str(run_dir), "rows": rows}
+        write_json(Path(run_dir) / "throughput.json", result)
+        return result
+
+    def summary(self, result: dict, run_dir) -> str:
+        return format_table(result["rows"])
+
+    def report_section(self, runs, out_dir, fig_dir):
+        from bcssl.eval.report import _throughput_section
+
+        return _throughput_section(runs)
+
+
+EVALUATION = Throughput()

@@ -219,6 +219,12 @@ class TimmBackbone(nn.Module):
         """Pooled features ``(B, num_features)`` (timm's pre-logits)."""
         return self.model.forward_head(self._timm_features(x), pre_logits=True)
 
+    linear_features_kind = "pooled"
+
+    def linear_features(self, x: torch.Tensor) -> torch.Tensor:
+        """What a linear probe reads (facebookresearch/dino eval_linear.py): the pooled features."""
+        return self(x)
+
     # -- helpers ----------------------------------------------------------------------------------
     def _timm_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input_size(x.shape[-2], x.shape[-1])
@@ -260,6 +266,21 @@ class TimmBackbone(nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, family={self.family!r}, num_features={self.num_features}"
+
+
+class ViTBackbone(TimmBackbone):
+    """A timm ViT whose linear-probe features are DINO's: the class tokens of the last
+    ``n_last_blocks`` blocks, each through the final norm, concatenated (facebookresearch/dino
+    eval_linear.py, ``n_last_blocks=4``, ``avgpool_patchtokens=False`` for ViT-S): 4 x 384 = 1536-d."""
+
+    n_last_blocks = 4
+    linear_features_kind = "cls_last_4_blocks"
+
+    def linear_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input_size(x.shape[-2], x.shape[-1])
+        out = self.model.forward_intermediates(x, indices=self.n_last_blocks, return_prefix_tokens=True, norm=True,
+                                               output_fmt="NLC", intermediates_only=True)
+        return torch.cat([prefix[:, 0] for _, prefix in out], dim=-1)
 
 
 def _nhwc_to_nchw(x: torch.Tensor) -> torch.Tensor:
@@ -433,7 +454,7 @@ def vit_s16(
     model = _create_timm("vit_small_patch16_224", **kw)
     if random_patch_projection:
         _freeze_random_patch_projection(model)
-    backbone = TimmBackbone(
+    backbone = ViTBackbone(
         model, family="vit", name=name, min_input_size=patch, multiple_of=patch,
         fixed_size=None if dynamic_img_size else hw,
     )

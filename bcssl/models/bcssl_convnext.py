@@ -300,6 +300,12 @@ class BCSSLConvNeXt(nn.Module):
         """Pooled, normalised features ``(B, num_features)``."""
         return self.head(self.forward_features(x))
 
+    linear_features_kind = "pooled"
+
+    def linear_features(self, x: torch.Tensor) -> torch.Tensor:
+        """What a linear probe reads (facebookresearch/dino eval_linear.py): the pooled features."""
+        return self(x)
+
 
 def _init_weights(module: nn.Module) -> None:
     # timm's ConvNeXt init: trunc-normal(0.02) weights, zero biases for convs and linears.

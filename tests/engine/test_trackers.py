@@ -89,5 +89,12 @@ def test_missing_optional_package_is_one_clear_error(monkeypatch):
 
 
 def test_old_tensorboard_key_names_the_new_one():
-    with pytest.raises(ConfigError, match="log.tensorboard.*replaced by log.backends"):
+    with pytest.raises(ConfigError, match="'log.tensorboard' is now 'log.backends'"):
         load_config("demo_fmnist", ["log.tensorboard=false"])
+
+
+def test_a_run_saved_with_the_old_key_still_loads(tmp_path):
+    (tmp_path / "config.yaml").write_text("log:\n  tensorboard: false\n")
+    with pytest.warns(UserWarning, match="log.tensorboard"):
+        cfg = load_config(str(tmp_path / "config.yaml"))
+    assert list(cfg.log.backends) == ["csv"]

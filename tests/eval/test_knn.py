@@ -47,3 +47,45 @@ def test_separable_clusters_are_classified_perfectly_with_many_classes():
     # shuffled labels destroy it: the metric can fail
     bad = knn_classify(train_f, train_y[torch.randperm(3 * C)], test_f, test_y, k=20, num_classes=C)
     assert bad["top1"] < 5.0
+
+
+def test_two_processes_give_the_one_process_knn_exactly(tmp_path, tiny_fmnist, capsys):
+    """`bcssl pretrain/eval knn --nproc 2` (gloo): each process encodes a contiguous block of whole
+    batches -- uneven here: 64 train images in batches of 24 split 24 / 40, 32 test images 24 / 8 --
+    and the gathered features, hence top-1, are those of one process. The k-NN monitor inside the
+    2-process pre-training runs the same sharded code on both ranks."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from omegaconf import OmegaConf
+
+    from bcssl.cli import main
+    from tests.conftest import tiny_config
+    from tests.engine.test_distributed import ENV
+
+    cfg = tiny_config(tmp_path, tiny_fmnist, "train.epochs=1", "eval.batch_size=24", "eval.final_knn=true")
+    OmegaConf.save(cfg, tmp_path / "c.yaml")
+    run = tmp_path / "runs" / "tiny"
+
+    def bcssl(*args):
+        proc = subprocess.run([sys.executable, "-m", "bcssl", *args, "--json"], env=ENV, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    trained = bcssl("pretrain", "--nproc", "2", "--config", str(tmp_path / "c.yaml"))
+    two = bcssl("eval", "knn", str(run), "--nproc", "2")
+    assert two["processes"] == 2 and (two["train_images"], two["eval_images"]) == (64, 32)
+    sharded = {p.name: torch.load(p, weights_only=True) for p in (run / "cache").glob("features-*.pt")}
+    shutil.rmtree(run / "cache")
+    assert main(["eval", "knn", str(run), "--json"]) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert one["processes"] == 1
+    assert two["knn_top1"] == one["knn_top1"] == trained["knn_top1"] and two["knn_top5"] == one["knn_top5"]
+    for p in (run / "cache").glob("features-*.pt"):  # bit for bit: the same batches went through the network
+        blob = torch.load(p, weights_only=True)
+        assert torch.equal(blob["features"], sharded[p.name]["features"])
+        assert torch.equal(blob["labels"], sharded[p.name]["labels"])
+    assert len(sharded) == 2

@@ -34,7 +34,7 @@ def clusters(n_per_class=40, C=5, D=16, seed=0, offset=0.0, scale=1.0):
 def test_defaults_are_the_paper_recipe():
     lc = load_config().linear
     assert (lc.epochs, lc.lr, lc.batch_size, lc.momentum, lc.weight_decay) == (100, 0.001, 256, 0.9, 0.0)
-    assert lc.augment is False and lc.normalize_features is False and list(lc.crop_scale) == [0.08, 1.0]
+    assert lc.protocol == "auto" and lc.normalize_features is False and list(lc.crop_scale) == [0.08, 1.0]
     layer = make_classifier(512, 1000)
     assert layer.bias.abs().max() == 0 and abs(layer.weight.std().item() - 0.01) < 5e-4
 
@@ -149,9 +149,10 @@ def test_linear_probe_on_a_trained_run(tiny_run):
 
     again = linear_probe(run, ["linear.epochs=5", "linear.batch_size=16"], progress=False)
     assert again["linear_top1"] == res["linear_top1"]  # cached features, seeded order: identical
-    aug = linear_probe(run, ["linear.epochs=1", "linear.batch_size=16", "linear.augment=true",
+    assert saved["protocol"] == "cached_features"  # auto on an in-memory set
+    aug = linear_probe(run, ["linear.epochs=1", "linear.batch_size=16", "linear.protocol=dino_eval_linear",
                              "linear.normalize_features=true"], progress=False)
-    assert aug["augment"] is True and 0 <= aug["linear_top1"] <= 100
+    assert aug["augment"] is True and aug["protocol"] == "dino_eval_linear" and 0 <= aug["linear_top1"] <= 100
     assert load_linear_classifier(run).weight.shape == (10, 64)
 
 
@@ -162,3 +163,72 @@ def test_errors(tmp_path, tiny_run):
         linear_probe(tiny_run, ["linear.epochs=0"], progress=False)
     with pytest.raises(FileNotFoundError, match="not a bcssl run"):
         linear_probe(tmp_path / "nowhere", progress=False)
+
+
+def _image_folder_run(tmp_path):
+    """A run pre-trained for one epoch on a tiny ImageFolder: 3 classes x 5 train / 3 val images."""
+    from PIL import Image
+
+    for split, n in (("train", 5), ("val", 3)):
+        for c, colour in (("n01", (200, 30, 30)), ("n02", (30, 30, 200)), ("n03", (30, 200, 30))):
+            d = tmp_path / "folder" / split / c
+            d.mkdir(parents=True)
+            for i in range(n):
+                Image.new("RGB", (40 + i, 36), tuple(max(0, v - 15 * i) for v in colour)).save(d / f"{i}.png")
+    cfg = tiny_config(tmp_path, tmp_path / "folder", "data.name=image_folder", "data.eval_split=val",
+                      "data.load_size=36", "train.epochs=1", "train.batch_size=5", "eval.final_knn=false")
+    return train(cfg).run_dir
+
+
+def test_dino_eval_linear_on_an_image_folder_two_processes_and_resume_after_a_kill(tmp_path, monkeypatch):
+    """The default on image folders: augmented (RandomResizedCrop + flip every step), evaluated every
+    epoch (best and last), on 2 gloo processes (`--nproc 2`: the 15 images make a last global batch of
+    3, split 2 / 1), and a probe killed mid-epoch resumes from its checkpoint to the same weights."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from bcssl.eval import linear as linear_module
+    from tests.engine.test_distributed import ENV
+
+    run = Path(_image_folder_run(tmp_path))
+    args = ["linear.epochs=2", "linear.batch_size=4", "linear.checkpoint_every_steps=2"]
+    proc = subprocess.run([sys.executable, "-m", "bcssl", "eval", "linear", str(run), "--nproc", "2", *args,
+                           "--json"], env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert (two["protocol"], two["processes"], two["augment"], two["train_images"]) == ("dino_eval_linear", 2, True, 15)
+    saved = json.loads((run / "linear.json").read_text())
+    assert saved["protocol"] == "dino_eval_linear" and [h["epoch"] for h in saved["history"]] == [1, 2]
+    assert saved["linear_top1"] == saved["history"][-1]["top1"]  # last epoch; best reported apart
+    assert saved["best_top1"] == max(h["top1"] for h in saved["history"]) and saved["best_epoch"] in (1, 2)
+    w_two = load_linear_classifier(run).weight
+    shutil.rmtree(run / "linear")
+
+    one = linear_probe(run, args, progress=False)
+    w_one = load_linear_classifier(run).weight
+    assert one["processes"] == 1
+    # the same global batches and crops; features of 2- vs 4-image batches differ in the last digits
+    assert torch.allclose(w_two, w_one, atol=1e-5) and one["history"][-1]["loss"] == pytest.approx(
+        two["history"][-1]["loss"], rel=1e-5)
+    shutil.rmtree(run / "linear")
+
+    real, calls = linear_module.LinearEvalAugment.__call__, {"n": 0}
+
+    def killed_at_step_7(self, *a, **kw):  # 4 steps per epoch: dies in epoch 2, after the step-6 checkpoint
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise KeyboardInterrupt
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(linear_module.LinearEvalAugment, "__call__", killed_at_step_7)
+    with pytest.raises(KeyboardInterrupt):
+        linear_probe(run, args, progress=False)
+    assert torch.load(run / "linear" / "checkpoint.pt", weights_only=True)["step"] == 6
+    monkeypatch.setattr(linear_module.LinearEvalAugment, "__call__", real)
+    resumed = linear_probe(run, args, progress=False)
+    assert torch.equal(load_linear_classifier(run).weight, w_one)  # exactly the uninterrupted probe
+    assert resumed["history"] == one["history"]
+    with pytest.raises(ValueError, match="remove"):  # another recipe on top of this checkpoint
+        linear_probe(run, ["linear.epochs=3", "linear.batch_size=4"], progress=False)

@@ -32,6 +32,7 @@ from bcssl.eval.robustness import (
     corruption_errors,
     evaluate_corruptions,
     evaluate_folder,
+    subset_indices,
     robustness_report_rows,
 )
 
@@ -384,3 +385,20 @@ def test_imagenet_c_tree_gives_table_and_mce(tmp_path):
     rows = robustness_report_rows(r)
     assert rows[-1]["name"] == "mean" and rows[-1]["ce"] == pytest.approx(ce_gauss / 2)
     json.dumps(r)
+
+
+def test_released_folder_uses_every_image_unless_limited(tmp_path):
+    """A released-style folder of N images: all N by default; a limit is opt-in and recorded as a
+    subset, strided over the class-sorted folder (every class) or the first N (the first classes)."""
+    wnids = IMAGENET_R_WNIDS[:3]
+    folder = _write_folder(tmp_path / "imagenet-r", wnids, per_class=5)  # 15 images, 5 per class
+    clf = _colour_classifier(wnids)
+    full = evaluate_folder(_ColourNet(), clf, folder, "imagenet_r", **EVAL)
+    assert full["n_images"] == 15 and full["subset"] is None and full["images"] == "every image"
+    strided = evaluate_folder(_ColourNet(), clf, folder, "imagenet_r", limit=6, sampling="strided", **EVAL)
+    assert strided["n_images"] == 6 and strided["images"] == "subset of 6 of 15, strided"
+    first = evaluate_folder(_ColourNet(), clf, folder, "imagenet_r", limit=6, sampling="first", **EVAL)
+    assert first["subset"] == {"limit": 6, "of": 15, "sampling": "first"}
+    assert subset_indices(15, 6, "strided") == [0, 2, 5, 7, 10, 12]  # two of each class of five
+    assert list(subset_indices(15, 6, "first")) == [0, 1, 2, 3, 4, 5]
+    assert list(subset_indices(15, None, "first")) == list(range(15))

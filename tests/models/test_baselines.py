@@ -282,3 +282,24 @@ def test_random_patch_projection_frozen_xavier():
     frozen = proj.weight.numel() + proj.bias.numel()
     assert count_params(m, trainable_only=True) == count_params(m) - frozen
     assert all(p.requires_grad for p in meta("vit_s16").parameters())
+
+
+def test_vit_s16_linear_features_are_dinos_last_4_class_tokens():
+    """facebookresearch/dino eval_linear.py for ViT-S: the class token of each of the last 4 blocks
+    after the final norm, concatenated (n_last_blocks=4, no avgpool): 4 x 384 = 1536 features."""
+    vit = create_backbone("vit_s16").eval()
+    x = torch.randn(2, 3, 64, 64)
+    outputs = []
+    hooks = [b.register_forward_hook(lambda m, i, o: outputs.append(o)) for b in vit.model.blocks[-4:]]
+    with torch.no_grad():
+        pooled = vit(x)
+        for h in hooks:
+            h.remove()
+        want = torch.cat([vit.model.norm(o)[:, 0] for o in outputs], dim=-1)
+        got = vit.linear_features(x)
+    assert got.shape == (2, 4 * 384) == (2, 1536) and vit.linear_features_kind == "cls_last_4_blocks"
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(got[:, -384:], pooled, atol=1e-5)  # the last block's token is the forward
+    cnn = create_backbone("resnet50").eval()  # CNNs (and Swin): the pooled features
+    with torch.no_grad():
+        assert torch.equal(cnn.linear_features(x), cnn(x)) and cnn.linear_features_kind == "pooled"
