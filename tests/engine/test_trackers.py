@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from bcssl.cli import main
 from bcssl.config import ConfigError, load_config
 from bcssl.engine import trackers
 from bcssl.engine.runtime import TrainingError
@@ -62,6 +63,13 @@ def test_all_four_backends_and_resume_continues_the_same_runs(tmp_path, tiny_fmn
     assert all((d / f"run-{ids['wandb']}.wandb").stat().st_size > 0 for d in wandb_dirs)
     rows = _csv_rows(run / "metrics.csv")
     assert [int(r["step"]) for r in rows if r["kind"] == "train"] == list(range(1, 9))
+
+    # an evaluation afterwards lands in the same tracker runs
+    assert main(["eval", "knn", str(run), "--json"]) == 0
+    top1 = json.loads((run / "knn.json").read_text())["knn_top1"]
+    _, _, knn = _mlflow_history(run, "knn/knn_top1")
+    assert knn == [(8, pytest.approx(top1))]
+    assert [float(r["knn_top1"]) for r in _csv_rows(run / "metrics.csv") if r["kind"] == "knn"] == [top1]
 
 
 def test_resume_drops_csv_rows_after_the_checkpoint(tmp_path):
