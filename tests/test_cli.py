@@ -123,7 +123,7 @@ def test_every_eval_command_on_a_tiny_image_folder(tmp_path, capsys):
             for i in range(8):
                 Image.new("RGB", (40 + i, 36), tuple(max(0, v - 10 * i) for v in colour)).save(d / f"{i}.png")
     run = ["--config", "demo_fmnist", "data.name=image_folder", f"data.root={tmp_path / 'folder'}",
-           "data.eval_split=val", "data.load_size=36", f"run.dir={tmp_path}", "run.name=if", *FAST,
+           "data.eval_split=val", "eval.data.resize_size=36", "eval.data.crop_size=32", f"run.dir={tmp_path}", "run.name=if", *FAST,
            "train.batch_size=8"]
     assert main(["pretrain", *run]) == 0
     r = f"{tmp_path}/if"

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import logging
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -16,6 +17,16 @@ PRESET_DIR = Path(__file__).parent / "presets"
 
 class ConfigError(ValueError):
     """A configuration the user wrote is invalid; the message says what to change."""
+
+
+#: Keys bcssl no longer has, with what replaced them. A YAML file that has one (the config.yaml of
+#: a run made by an older bcssl) loads without it, with one log line; an override naming one is an error.
+RETIRED_KEYS = {
+    "data.load_size": "pre-training crops come from the whole image now, and the evaluation's Resize + "
+                      "CenterCrop of image folders are eval.data.resize_size / eval.data.crop_size",
+}
+
+log = logging.getLogger("bcssl")
 
 
 def list_presets() -> list[str]:
@@ -71,6 +82,16 @@ def _check_keys(keys: Iterable[str], source: str) -> None:
         raise ConfigError(f"unknown config key '{key}' in {source}.{hint}")
 
 
+def _drop_retired(layer: dict, source: str) -> dict:
+    for key, why in RETIRED_KEYS.items():
+        section, _, leaf = key.rpartition(".")
+        parent = layer.get(section)
+        if isinstance(parent, dict) and leaf in parent:
+            del parent[leaf]
+            log.info("%s: ignoring %s (retired: %s)", source, key, why)
+    return layer
+
+
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     if path in seen:
         raise ConfigError(f"_base_ cycle through {path}")
@@ -101,10 +122,13 @@ def load_config(preset_or_yaml: str | None = None, overrides: Sequence[str] = ()
     layers = []
     if preset_or_yaml:
         path = preset_path(preset_or_yaml)
-        layer = _read_yaml(path)
+        layer = _drop_retired(_read_yaml(path), str(path))
         _check_keys(_flat_keys(layer), str(path))
         layers.append(layer)
     ov = _parse_overrides(overrides)
+    for key, why in RETIRED_KEYS.items():
+        if key in set(_flat_keys(ov)):
+            raise ConfigError(f"{key} was retired: {why}")
     _check_keys(_flat_keys(ov), "the command-line overrides")
     layers.append(ov)
     try:
@@ -130,6 +154,13 @@ def _validate(cfg: DictConfig) -> None:
     need(len(cfg.crops.blur_p) == 3 and len(cfg.crops.solarize_p) == 3,
          "crops.blur_p and crops.solarize_p need 3 values: global1, global2, locals")
     need(cfg.data.limit is None or cfg.data.limit > 0, "data.limit must be a positive number of images")
+    folder = str(cfg.data.name).lower().replace("-", "_") == "image_folder"
+    need(folder or (cfg.data.file_list is None and not cfg.data.decode_on_device),
+         f"data.file_list and data.decode_on_device need data.name=image_folder (got {cfg.data.name})")
+    ed = cfg.eval.data
+    need(1 <= ed.crop_size <= ed.resize_size,
+         f"eval.data.crop_size must be in [1, eval.data.resize_size] (a centre crop of the resized image), "
+         f"got crop {ed.crop_size}, resize {ed.resize_size}")
     dm = cfg.detection.min_size
     need(len(dm) == 2 and 0 < dm[0] <= dm[1], f"detection.min_size must be [low, high] shorter sides, got {list(dm)}")
     need(cfg.detection.amp in AMP_MODES,

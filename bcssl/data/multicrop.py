@@ -58,6 +58,7 @@ import torch.nn.functional as F
 __all__ = [
     "MultiCropConfig",
     "MultiCrop",
+    "multicrop_from_config",
     "GRAY_WEIGHTS",
     "SOLARIZE_THRESHOLD",
     "crop_grid",
@@ -116,6 +117,14 @@ class MultiCropConfig:
             raise ValueError(f"jitter must be 4 non-negative values with hue <= 0.5, got {self.jitter}")
         if len(self.blur_p) != 3 or len(self.solarize_p) != 3:
             raise ValueError("blur_p and solarize_p must have 3 values: global1, global2, each local")
+
+
+def multicrop_from_config(crops) -> "MultiCrop":
+    """The :class:`MultiCrop` of a run's ``crops.*`` section (a mapping; lists become tuples)."""
+    fields = MultiCropConfig.__dataclass_fields__
+    kw = {k: (tuple(v) if not isinstance(v, (str, bytes)) and hasattr(v, "__len__") else v)
+          for k, v in crops.items() if k in fields}
+    return MultiCrop(MultiCropConfig(**kw))
 
 
 # --------------------------------------------------------------------------------------------
@@ -646,32 +655,101 @@ class MultiCrop:
         call and no copy; call ``.contiguous()`` on a crop where a dense tensor is needed.
         """
         _check(images)
-        cfg, dev = self.cfg, images.device
+        dev = images.device
         b, c = images.shape[:2]
-        sizes = [cfg.global_size] * 2 + [cfg.local_size] * cfg.n_local
-        numels = [s * s for s in sizes]
-        mean, std = torch.tensor(cfg.mean).view(3, 1), torch.tensor(cfg.std).view(3, 1)
-        norm = ((1 / std).to(dev), (-mean / std).to(dev))  # x * (1/std) + (-mean/std)
-        plans = [_to_device(self._plan(params, j, s), dev) for j, s in enumerate(sizes)]
-        # On the CPU, a few images at a time: the crops of a chunk are made and then worked on
-        # while they are in cache (on whole 64-image groups, memory traffic makes the colour
-        # ops, blur and hue 2-5x slower). Elsewhere the whole batch at once.
-        step = b if dev.type != "cpu" else max(1, min(b, self.CHUNK_PIXELS // max(sizes) ** 2))
+        sizes = self._sizes()
+        step = self._chunk(b, sizes, dev)
         separable = self.separable if self.separable is not None else dev.type == "cpu"
         if separable:
             resize = self._resize_plan(images, params, sizes, step)
-            out = self._output_buffer((b, 3, sum(numels)), dev)
+            out = self._output_buffer((b, 3, sum(s * s for s in sizes)), dev)
+            fill = lambda lo, hi: self._resize_separable(images, lo, hi, out, resize)  # noqa: E731
         else:
             out = self._resize_grid_sample(images, params, sizes)
             if c == 1:  # grayscale input -> RGB
                 out = out.expand(b, 3, out.shape[-1]).contiguous()
+            fill = None
+        return self._photometric(out, params, sizes, step, fill)
+
+    def from_crops(self, groups: list[torch.Tensor], seed: int, positions: torch.Tensor,
+                   global_batch: int) -> list[torch.Tensor]:
+        """Ready uint8 crops (cut from the original images where they were decoded,
+        :mod:`bcssl.data.crops`) -> [global1, global2, local1..localN] as :meth:`__call__` returns.
+
+        ``groups``: uint8 ``(B, k, C, S, S)`` per crop group (the 2 globals, then the locals), on
+        the training device. The photometric parameters are drawn for the whole global batch of
+        ``global_batch`` images from ``seed`` and each image takes those of its ``positions``
+        (its place in the global batch): any number of processes, and dropped images, leave every
+        image's crops as one process makes them. Their boxes are not used (the crops are cut).
+        """
+        params = self.sample_params(global_batch, seed)
+        return self.apply_crops(groups, self.select_params(params, positions))
+
+    @classmethod
+    def select_params(cls, params: dict, positions: torch.Tensor) -> dict:
+        """The parameters of the images at ``positions`` of the batch ``params`` were drawn for."""
+        idx = torch.as_tensor(positions, dtype=torch.int64).cpu()
+        return {k: v if k in cls.SHARED_PARAMS else v.index_select(0, idx) for k, v in params.items()}
+
+    def apply_crops(self, groups: list[torch.Tensor], params: dict) -> list[torch.Tensor]:
+        """:meth:`apply` for ready crops: flip (``params["flip"]``), then the photometric stages.
+
+        ``groups``: uint8 (or float in [0, 1]) ``(B, k, C, S, S)`` per crop group, C in (1, 3);
+        their sizes must be the config's. Same return layout as :meth:`apply`.
+        """
+        cfg = self.cfg
+        if len(groups) != 2 or groups[0].shape[1] != 2 or groups[1].shape[1] != cfg.n_local \
+                or groups[0].shape[-1] != cfg.global_size or groups[1].shape[-1] != cfg.local_size:
+            shapes = [tuple(g.shape) for g in groups]
+            raise ValueError(f"expected crop groups (B, 2, C, {cfg.global_size}, {cfg.global_size}) and "
+                             f"(B, {cfg.n_local}, C, {cfg.local_size}, {cfg.local_size}), got {shapes}")
+        b, dev = groups[0].shape[0], groups[0].device
+        if b < 1:
+            raise ValueError("expected a batch of at least one image")
+        sizes = self._sizes()
+        numels = [s * s for s in sizes]
+        out = self._output_buffer((b, 3, sum(numels)), dev)
+        dests = [v.view(b, 3, s, s) for v, s in zip(out.split(numels, 2), sizes)]
+        srcs = [g[:, k] for g in groups for k in range(g.shape[1])]
+        flips = params["flip"]
+
+        def fill(lo: int, hi: int) -> None:
+            for j, (dst, src) in enumerate(zip(dests, srcs)):
+                d = dst[lo:hi]
+                d.copy_(src[lo:hi].expand_as(d))  # uint8 -> float; one channel -> RGB
+                if src.dtype == torch.uint8:
+                    d.div_(255.0)
+                idx = _idx(flips[lo:hi, j]).to(dev, non_blocking=True)
+                if idx.numel():
+                    d.index_copy_(0, idx, d.index_select(0, idx).flip(-1))
+
+        return self._photometric(out, params, sizes, self._chunk(b, sizes, dev), fill)
+
+    def _sizes(self) -> list[int]:
+        return [self.cfg.global_size] * 2 + [self.cfg.local_size] * self.cfg.n_local
+
+    def _chunk(self, b: int, sizes: list[int], dev: torch.device) -> int:
+        """Images per chunk. On the CPU, a few at a time: the crops of a chunk are made and then
+        worked on while they are in cache (on whole 64-image groups, memory traffic makes the
+        colour ops, blur and hue 2-5x slower). Elsewhere the whole batch at once."""
+        return b if dev.type != "cpu" else max(1, min(b, self.CHUNK_PIXELS // max(sizes) ** 2))
+
+    def _photometric(self, out: torch.Tensor, params: dict, sizes: list[int], step: int, fill) -> list[torch.Tensor]:
+        """Colour jitter, grayscale, blur, solarize and normalise ``out`` (B, 3, P) in place, chunk by
+        chunk; ``fill(lo, hi)`` (if given) first writes images ``lo:hi``' crops into it."""
+        cfg, dev = self.cfg, out.device
+        b = out.shape[0]
+        numels = [s * s for s in sizes]
+        mean, std = torch.tensor(cfg.mean).view(3, 1), torch.tensor(cfg.std).view(3, 1)
+        norm = ((1 / std).to(dev), (-mean / std).to(dev))  # x * (1/std) + (-mean/std)
+        plans = [_to_device(self._plan(params, j, s), dev) for j, s in enumerate(sizes)]
         crops = [v.view(b, 3, s, s) for v, s in zip(out.split(numels, 2), sizes)]
         xs = [crop.view(b, 3, -1) for crop in crops]
         chunks = [_chunk_plans(plan, b, step) for plan in plans]
         for lo in range(0, b, step):
             hi = min(b, lo + step)
-            if separable:
-                self._resize_separable(images, lo, hi, out, resize)
+            if fill is not None:
+                fill(lo, hi)
             for x, s, parts in zip(xs, sizes, chunks):
                 _, _, part = next(parts)
                 self._color_(x[lo:hi], part)

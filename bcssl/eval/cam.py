@@ -453,8 +453,8 @@ def default_images(run_dir: Union[str, os.PathLike], n: int = 8) -> torch.Tensor
     from bcssl.data import dataset_from_config
     from bcssl.engine.run_dir import load_run_config
 
-    d = load_run_config(run_dir).data
-    ds = dataset_from_config(d, d.eval_split)
+    cfg = load_run_config(run_dir)
+    ds = dataset_from_config(cfg, cfg.data.eval_split)
     picked: dict[int, torch.Tensor] = {}
     for i in range(len(ds)):
         item = ds[i]

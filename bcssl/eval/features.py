@@ -26,8 +26,8 @@ from bcssl.engine.runtime import LoadedRun, file_sha256
 def eval_preprocess(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     """uint8 (B,C,H,W) -> normalised float (B,3,size,size).
 
-    Inputs larger than ``size`` are centre-cropped to ``size`` (ImageFolder images are loaded
-    at ``load_size`` = 256 for 224 crops, which is DINO's Resize(256)+CenterCrop(224)); smaller
+    Inputs larger than ``size`` are centre-cropped to ``size`` (image folders' evaluation items are
+    already DINO's Resize(256)+CenterCrop(224) of the original, at ``size``); smaller
     inputs (28x28 Fashion-MNIST) are resized up bicubically, as the training crops were.
     """
     x = images.float().div_(255)
@@ -135,23 +135,24 @@ def run_features(loaded: LoadedRun, split: str, limit: int | None = None, *, dev
     the evaluation preprocessing at the run's global crop size. Cached under ``<run>/cache`` per
     checkpoint, so k-NN and the linear probe of one checkpoint extract each split once.
     ``dataset``: the already built split, to avoid loading it again."""
-    from bcssl.data import BatchLoader, dataset_from_config
+    from bcssl.data import BatchLoader, dataset_from_config, eval_image_size
 
     cfg = loaded.cfg
     d, c = cfg.data, cfg.crops
     device = torch.device(device)
-    ds = dataset if dataset is not None else dataset_from_config(d, split)
+    ds = dataset if dataset is not None else dataset_from_config(cfg, split)
     loader = BatchLoader(ds, cfg.eval.batch_size, shuffle=False, drop_last=False, workers=d.workers,
                          pin_memory=device.type == "cuda", limit=limit)
-    kw = dict(size=c.global_size, mean=tuple(c.mean), std=tuple(c.std), device=device, amp=cfg.train.amp,
+    kw = dict(size=eval_image_size(cfg), mean=tuple(c.mean), std=tuple(c.std), device=device, amp=cfg.train.amp,
               channels_last=cfg.train.channels_last, progress=progress, total=len(loader),
               desc=f"{split} features")
     backbone = loaded.backbone.to(device)
     if not cache:
         return extract_features(backbone, loader.epoch(0), **kw)
-    dataset_key = json.dumps({"name": d.name, "root": str(d.root), "split": split, "load_size": d.load_size,
+    dataset_key = json.dumps({"name": d.name, "root": str(getattr(ds, "root", d.root)), "split": split,
+                              "preprocess": getattr(ds, "eval_transform", None),
                               "limit": limit, "len": len(ds), "classes": int(ds.num_classes)})
-    transform_key = json.dumps({"eval_preprocess": c.global_size, "mean": list(c.mean), "std": list(c.std),
+    transform_key = json.dumps({"eval_preprocess": kw["size"], "mean": list(c.mean), "std": list(c.std),
                                 "amp": cfg.train.amp, "encoder": loaded.encoder})
     return cached_features(Path(loaded.checkpoint_path).parent, loaded.checkpoint_path,
                            backbone, dataset_key, transform_key, lambda: loader.epoch(0),

@@ -2,6 +2,8 @@
 the k=20 nearest training features vote for their label with weight exp(sim / 0.07)."""
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 
@@ -58,8 +60,8 @@ class KNNEvaluator:
 
         self.cfg, self.device, self.progress = cfg, torch.device(device), progress
         d = cfg.data
-        self.train_set = dataset_from_config(d, d.split)
-        self.test_set = dataset_from_config(d, d.eval_split)
+        self.train_set = dataset_from_config(cfg, d.split)
+        self.test_set = dataset_from_config(cfg, d.eval_split)
         bs = cfg.eval.batch_size
         kw = dict(shuffle=False, drop_last=False, workers=d.workers, pin_memory=self.device.type == "cuda")
         self.train_loader = BatchLoader(self.train_set, bs, limit=train_limit, **kw)
@@ -67,8 +69,10 @@ class KNNEvaluator:
 
     def features(self, backbone, which: str):
         loader = self.train_loader if which == "train" else self.test_loader
+        from bcssl.data import eval_image_size
+
         c = self.cfg
-        return extract_features(backbone, loader.epoch(0), size=c.crops.global_size, mean=c.crops.mean,
+        return extract_features(backbone, loader.epoch(0), size=eval_image_size(c), mean=c.crops.mean,
                                 std=c.crops.std, device=self.device, amp=c.train.amp,
                                 channels_last=c.train.channels_last, total=len(loader),
                                 desc=f"k-NN {which} features", progress=self.progress)
@@ -93,7 +97,7 @@ def knn_of_run(run_dir, overrides=(), *, device=None, progress: bool = True) -> 
     loaded = load_run(run_dir, overrides)
     cfg, d = loaded.cfg, loaded.cfg.data
     device = resolve_device(str(device) if device is not None else cfg.device)
-    sets = train_and_eval_sets(d)
+    sets = train_and_eval_sets(cfg)
     # the dataset's class count, not the largest label seen: a class missing from the data
     # would otherwise shrink the vote vector (as the k-NN monitor and the linear probe count)
     num_classes = int(sets[d.split].num_classes)
@@ -115,6 +119,14 @@ def knn_monitor(cfg):
     Its datasets are loaded at the first evaluation, on the device the method trains on: under
     DDP only rank 0 evaluates, so the other ranks never load them."""
     if not (cfg.eval.knn_every or cfg.eval.final_knn):
+        return None
+    from bcssl.data import evaluation_labels_missing
+    from bcssl.engine.distributed import env_rank
+
+    missing = evaluation_labels_missing(cfg)
+    if missing:
+        if env_rank() == 0:
+            logging.getLogger("bcssl").warning("k-NN monitor off: %s", missing)
         return None
     evaluator = None
 

@@ -382,7 +382,7 @@ def linear_probe(run_dir: str | os.PathLike, overrides: Sequence[str] = (), devi
     device = resolve_device(str(device) if device is not None else cfg.device)
     backbone = loaded.backbone.to(device).requires_grad_(False)
 
-    sets = train_and_eval_sets(d)
+    sets = train_and_eval_sets(cfg)
     train_set = sets[d.split]
     num_classes = int(train_set.num_classes)
     pin = device.type == "cuda"
