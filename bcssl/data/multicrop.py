@@ -272,9 +272,18 @@ def _gray_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.add_(g, alpha=GRAY_WEIGHTS[1]).add_(b, alpha=GRAY_WEIGHTS[2])
 
 
-def _gray_mean(x: torch.Tensor) -> torch.Tensor:
-    """Per-image mean of the luma (N,), from per-channel means (the luma is linear)."""
-    return x.flatten(2).mean(-1) @ torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=x.device)
+def _gray_mean(x: torch.Tensor, rowwise: bool = False) -> torch.Tensor:
+    """Per-image mean of the luma (N,), from per-channel means (the luma is linear).
+
+    The default, a BLAS matrix-vector product, can round an image's value differently with the
+    number of images (its kernel depends on N); ``rowwise`` sums the weighted channel means
+    elementwise, the same for an image in any batch. The batched path on in-memory images keeps
+    the product (its results, the demo's among them, stay as they were); the ready-crops path of
+    image files, whose crops are promised equal for any number of processes, is rowwise."""
+    m = x.flatten(2).mean(-1)
+    if rowwise:
+        return m[:, 0] * GRAY_WEIGHTS[0] + m[:, 1] * GRAY_WEIGHTS[1] + m[:, 2] * GRAY_WEIGHTS[2]
+    return m @ torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=x.device)
 
 
 def _brightness_(x: torch.Tensor, f: torch.Tensor) -> None:
@@ -282,9 +291,9 @@ def _brightness_(x: torch.Tensor, f: torch.Tensor) -> None:
 
 
 # In-place mul_/add_ chains rather than addcmul: with broadcast operands addcmul is ~5x slower on CPU.
-def _contrast_(x: torch.Tensor, f: torch.Tensor) -> None:
+def _contrast_(x: torch.Tensor, f: torch.Tensor, rowwise: bool = False) -> None:
     f = _col(f, x)
-    mean = _col(_gray_mean(x), x)
+    mean = _col(_gray_mean(x, rowwise), x)
     x.mul_(f).add_((1 - f) * mean).clamp_(0, 1)
 
 
@@ -723,7 +732,7 @@ class MultiCrop:
                 if idx.numel():
                     d.index_copy_(0, idx, d.index_select(0, idx).flip(-1))
 
-        return self._photometric(out, params, sizes, self._chunk(b, sizes, dev), fill)
+        return self._photometric(out, params, sizes, self._chunk(b, sizes, dev), fill, rowwise=True)
 
     def _sizes(self) -> list[int]:
         return [self.cfg.global_size] * 2 + [self.cfg.local_size] * self.cfg.n_local
@@ -734,15 +743,17 @@ class MultiCrop:
         colour ops, blur and hue 2-5x slower). Elsewhere the whole batch at once."""
         return b if dev.type != "cpu" else max(1, min(b, self.CHUNK_PIXELS // max(sizes) ** 2))
 
-    def _photometric(self, out: torch.Tensor, params: dict, sizes: list[int], step: int, fill) -> list[torch.Tensor]:
+    def _photometric(self, out: torch.Tensor, params: dict, sizes: list[int], step: int, fill,
+                     rowwise: bool = False) -> list[torch.Tensor]:
         """Colour jitter, grayscale, blur, solarize and normalise ``out`` (B, 3, P) in place, chunk by
-        chunk; ``fill(lo, hi)`` (if given) first writes images ``lo:hi``' crops into it."""
+        chunk; ``fill(lo, hi)`` (if given) first writes images ``lo:hi``' crops into it. ``rowwise``:
+        see :func:`_gray_mean`."""
         cfg, dev = self.cfg, out.device
         b = out.shape[0]
         numels = [s * s for s in sizes]
         mean, std = torch.tensor(cfg.mean).view(3, 1), torch.tensor(cfg.std).view(3, 1)
         norm = ((1 / std).to(dev), (-mean / std).to(dev))  # x * (1/std) + (-mean/std)
-        plans = [_to_device(self._plan(params, j, s), dev) for j, s in enumerate(sizes)]
+        plans = [dict(_to_device(self._plan(params, j, s), dev), rowwise=rowwise) for j, s in enumerate(sizes)]
         crops = [v.view(b, 3, s, s) for v, s in zip(out.split(numels, 2), sizes)]
         xs = [crop.view(b, 3, -1) for crop in crops]
         chunks = [_chunk_plans(plan, b, step) for plan in plans]
@@ -915,7 +926,7 @@ class MultiCrop:
             if op == BRIGHTNESS:
                 _brightness_(x, f[:, BRIGHTNESS])
             elif op == CONTRAST:
-                _contrast_(x, f[:, CONTRAST])
+                _contrast_(x, f[:, CONTRAST], plan["rowwise"])
             elif op == SATURATION:
                 _saturation_(x, f[:, SATURATION], ws)
             else:
