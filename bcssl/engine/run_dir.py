@@ -155,11 +155,11 @@ def check_resume_config(run_dir: str | os.PathLike, cfg: DictConfig, allow_chang
     if allow_changes:
         raise ConfigError(f"{run_dir} was started with another config, and --resume-changed only allows "
                           f"{allowed}; these differ: {listed}. Start a new run with another run.name=...")
-    hint = ("or, since only keys a run may change differ, add --resume-changed to continue this run with them"
-            if all(_matches(k, RESUME_CHANGEABLE) for k in refused) else
-            f"(--resume-changed continues a run with changes to {allowed} only)")
-    raise ConfigError(f"{run_dir} was started with another config; differing keys: {listed}. Start a new run "
-                      f"with another run.name=..., {hint}")
+    if all(_matches(k, RESUME_CHANGEABLE) for k in refused):
+        way = "Add --resume-changed to continue this run with them, or start a new run with another run.name=..."
+    else:
+        way = f"Start a new run with another run.name=... (--resume-changed continues a run only with changes to {allowed})"
+    raise ConfigError(f"{run_dir} was started with another config; differing keys: {listed}. {way}")
 
 
 def _show(v: Any) -> str:

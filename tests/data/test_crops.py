@@ -227,3 +227,52 @@ def test_huge_jpeg_is_decoded_at_reduced_scale(tmp_path):
     boxes = item.boxes
     assert (boxes[:, 2] * boxes[:, 3]).min() >= 0.05 * 12000 * 9000 * 0.99 and (boxes[:, 1] + boxes[:, 3]).max() <= 12000
     assert all(g.float().sub(128).abs().max() <= 1 for g in item.groups)
+
+
+def test_two_processes_make_exactly_the_crops_of_one(tmp_path):
+    """torchrun, 2 gloo processes with 2 images each (one worker each) == 1 process with the global
+    batch of 4: every crop bit for bit, with an unreadable file in the data."""
+    import os
+    import subprocess
+    import sys
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    rng = np.random.default_rng(1)
+    (tmp_path / "c").mkdir()
+    for k in range(8):
+        Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).resize((50 + 9 * k, 70 - 4 * k)).save(
+            tmp_path / "c" / f"{k}.jpg")
+    (tmp_path / "c" / "5.jpg").write_bytes(b"not a JPEG")
+    script = tmp_path / "crops.py"
+    script.write_text(f"""
+import sys, torch
+sys.path.insert(0, {repo!r})
+from bcssl.data import BatchLoader, ImageFolderDataset
+from bcssl.data.multicrop import MultiCrop, MultiCropConfig
+from bcssl.engine.distributed import init_distributed, shutdown_distributed
+info, _ = init_distributed("cpu")
+cfg = MultiCropConfig(global_size=24, local_size=12, n_local=2)
+loader = BatchLoader(ImageFolderDataset({str(tmp_path)!r}), 2, seed=3, crops=cfg, rank=info.rank,
+                     world_size=info.world_size, workers=1)
+mc = MultiCrop(cfg)
+out = [(b.positions, mc.from_crops(b.groups, 100 + s, b.positions, loader.global_batch_size) if len(b) else None)
+       for s, b in enumerate(loader.epoch(0))]
+torch.save(out, {str(tmp_path)!r} + f"/rank{{info.rank}}.pt")
+shutdown_distributed()
+""")
+    env = {**os.environ, "PYTHONPATH": repo, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    cfg = MultiCropConfig(global_size=24, local_size=12, n_local=2)
+    mc = MultiCrop(cfg)
+    one = list(BatchLoader(ImageFolderDataset(tmp_path), 4, seed=3, crops=cfg).epoch(0))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) == 2
+    for s, full in enumerate(one):
+        ref = mc.from_crops(full.groups, 100 + s, full.positions, 4)
+        parts = [ranks[r][s] for r in range(2)]
+        assert torch.equal(torch.cat([p[0] for p in parts]), full.positions)
+        for j in range(4):
+            assert torch.equal(torch.cat([p[1][j] for p in parts if p[1] is not None]), ref[j])
+    assert sum(len(p[0]) for r in ranks for p in r) == 7  # the unreadable file dropped once
