@@ -22,6 +22,7 @@ Every dataset here returns ``(image, label)`` with ``image`` a uint8 tensor ``(C
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -32,6 +33,8 @@ import torch
 from torch.utils.data import Dataset
 
 from .crops import DRAFT_MARGIN, CropItem, Unreadable, crop_boxes, cut_crops, draft_pixels, open_rgb
+
+log = logging.getLogger("bcssl")
 
 __all__ = [
     "DatasetNotFoundError",
@@ -432,6 +435,11 @@ class ImageFolderDataset(Dataset):
                 + (" ..." if len(empty) > 5 else ""),
                 stacklevel=3,
             )
+        loose = [e.name for e in os.scandir(root_str) if e.name.lower().endswith(self.extensions) and e.is_file()]
+        if loose:  # a flat folder with a stray sub-folder would otherwise silently lose its images
+            log.warning("%s: %d image(s) directly in the folder are not used: it has sub-folders (%s), which are "
+                        "read as class folders", root, len(loose),
+                        ", ".join(classes[:3]) + (" ..." if len(classes) > 3 else ""))
         return rel, targets
 
     @staticmethod

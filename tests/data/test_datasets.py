@@ -277,7 +277,7 @@ def test_loader_workers_same_as_main_process(tmp_path):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-def test_flat_folder_and_file_list_are_unlabelled(tmp_path):
+def test_flat_folder_and_file_list_are_unlabelled(tmp_path, caplog):
     flat = tmp_path / "flat"
     for k in range(3):
         save_image(flat / f"{k}.jpg", (12 + k, 10), (k * 50, 0, 0))
@@ -299,6 +299,11 @@ def test_flat_folder_and_file_list_are_unlabelled(tmp_path):
     (tmp_path / "empty.txt").write_text("# nothing\n\n")
     with pytest.raises(DatasetNotFoundError, match="lists no images"):
         build_dataset("image_folder", flat, file_list=tmp_path / "empty.txt")
+    save_image(flat / "thumbs" / "t.jpg", (8, 8), (0, 0, 0))  # a sub-folder makes it a class folder tree
+    with caplog.at_level("WARNING", logger="bcssl"):
+        ds = build_dataset("image_folder", flat)
+    assert ds.classes == ["thumbs"] and len(ds) == 1
+    assert "3 image(s) directly in the folder are not used" in caplog.text
 
 
 def test_evaluations_need_labels(tmp_path):
