@@ -1,10 +1,18 @@
 """DINO multi-crop augmentation, batched on tensors on the training device.
 
-The loader yields uint8 batches ``(B, C, H, W)``; one :class:`MultiCrop` call turns a batch into
-``[global1, global2, local1, ..., localN]``, each float32 ``(B, 3, S, S)`` normalised with the
-ImageNet mean/std, on the images' device. The recipe is DINO's ``DataAugmentationDINO``
-(PAPER.md section 2): random resized crop (bicubic) + horizontal flip -> colour jitter (p=0.8) ->
-grayscale (p=0.2) -> Gaussian blur (p = 1.0 / 0.1 / 0.5) -> solarize (p = 0 / 0.2 / 0) -> normalise.
+The recipe is DINO's ``DataAugmentationDINO`` (facebookresearch/dino ``main_dino.py``): random
+resized crop (bicubic) + horizontal flip -> colour jitter (p=0.8) -> grayscale (p=0.2) -> Gaussian
+blur (p = 1.0 / 0.1 / 0.5) -> solarize (p = 0 / 0.2 / 0) -> normalise. Two entry points, both
+returning ``[global1, global2, local1, ..., localN]``, each float32 ``(B, 3, S, S)`` normalised
+with the mean/std, on the input's device:
+
+* :meth:`MultiCrop.__call__` on uint8 batches ``(B, C, H, W)`` of the small in-memory sets
+  (Fashion-MNIST, CIFAR, STL): the whole recipe, crops included, batched here. Each image is the
+  original there, so the boxes are sampled over the whole image, and their 28-96 px images are
+  upsampled into the crops, where bicubic needs no antialiasing.
+* :meth:`MultiCrop.from_crops` on ready uint8 crops of image files, cut from the original image
+  where it was decoded (:mod:`bcssl.data.crops`: torchvision's ``RandomResizedCrop.get_params``
+  boxes, PIL's antialiased bicubic): flip + the photometric part, batched here.
 
 How it is batched:
 
@@ -41,10 +49,11 @@ How it is batched:
   DINO's per-image PIL pipeline (2x224 + 8x96 crops: ~3.3-3.6x its images/s on one core).
 
 Known differences from DINO's PIL pipeline (all in the direction of torchvision's tensor ops):
-crop boxes are continuous (sub-pixel) instead of rounded to whole pixels; bicubic uses
-``grid_sample``'s a=-0.75 kernel (PIL: a=-0.5) and does not antialias when a crop is shrunk;
 blur is an exact Gaussian (PIL approximates it with box blurs); colour ops run on float images
-(PIL rounds to uint8 after each op); the jitter order is per crop group, not per image.
+(PIL rounds to uint8 after each op); the jitter order is per crop group, not per image. On the
+in-memory path also: crop boxes are continuous (sub-pixel) instead of rounded to whole pixels, and
+bicubic uses ``grid_sample``'s a=-0.75 kernel (PIL: a=-0.5) without antialiasing (those crops are
+upsampled). Image files get DINO's whole-pixel boxes and PIL's resampling itself.
 """
 
 from __future__ import annotations
