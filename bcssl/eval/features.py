@@ -132,7 +132,7 @@ def cached_features(run_dir: str | os.PathLike, checkpoint_path: str | os.PathLi
 def run_features(loaded: LoadedRun, split: str, limit: int | None = None, *, device: torch.device | str = "cpu",
                  cache: bool = True, progress: bool = True, dataset=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Features of a run's eval backbone on ``split`` of its dataset (first ``limit`` images), with
-    the evaluation preprocessing at the run's global crop size. Cached under ``<run>/cache`` per
+    the evaluation preprocessing at ``bcssl.data.eval_image_size``. Cached under ``<run>/cache`` per
     checkpoint, so k-NN and the linear probe of one checkpoint extract each split once.
     ``dataset``: the already built split, to avoid loading it again."""
     from bcssl.data import BatchLoader, dataset_from_config, eval_image_size

@@ -68,9 +68,9 @@ class KNNEvaluator:
         self.test_loader = BatchLoader(self.test_set, bs, limit=test_limit, **kw)
 
     def features(self, backbone, which: str):
-        loader = self.train_loader if which == "train" else self.test_loader
         from bcssl.data import eval_image_size
 
+        loader = self.train_loader if which == "train" else self.test_loader
         c = self.cfg
         return extract_features(backbone, loader.epoch(0), size=eval_image_size(c), mean=c.crops.mean,
                                 std=c.crops.std, device=self.device, amp=c.train.amp,
