@@ -15,6 +15,7 @@ from torchvision.transforms import functional as TF
 from bcssl.data import BatchLoader, CropBatch, ImageFolderDataset
 from bcssl.data.crops import CropItem, crop_boxes, crop_seed, cut_crops, sample_box
 from bcssl.data.multicrop import MultiCrop, MultiCropConfig
+from tests.data.test_multicrop import photometric_reference
 
 SMALL = MultiCropConfig(global_size=24, local_size=12, n_local=3)
 
@@ -149,30 +150,10 @@ def test_loader_crop_batches_match_one_process_for_any_rank_split_and_drops(tmp_
 
 
 def reference_from_crops(groups, params, cfg):
-    """Per-image torchvision ops in DINO's order on the ready crops (flip first)."""
-    crops = [g[:, k] for g in groups for k in range(g.shape[1])]
-    sizes = [cfg.global_size] * 2 + [cfg.local_size] * cfg.n_local
-    ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
-    outs = []
-    for j, (crop, s) in enumerate(zip(crops, sizes)):
-        radius = min(math.ceil(3 * cfg.blur_sigma[1]), s - 1)
-        res = []
-        for i, img in enumerate(crop.float() / 255):
-            if params["flip"][i, j]:
-                img = img.flip(-1)
-            if params["jitter"][i, j]:
-                for op in params["jitter_order"][j].tolist():
-                    img = ops[op](img, float(params["jitter_factors"][i, j, op]))
-            if params["grayscale"][i, j]:
-                img = TF.rgb_to_grayscale(img, num_output_channels=3)
-            if params["blur"][i, j] and radius > 0:
-                sigma = float(params["blur_sigma"][i, j])
-                img = TF.gaussian_blur(img, [2 * radius + 1] * 2, [sigma, sigma])
-            if params["solarize"][i, j]:
-                img = TF.solarize(img, 0.5)
-            res.append(TF.normalize(img, list(cfg.mean), list(cfg.std)))
-        outs.append(torch.stack(res))
-    return outs
+    """Per-image torchvision ops in DINO's order on the ready crops: flip, then the photometric part."""
+    crops = [g[:, k].float() / 255 for g in groups for k in range(g.shape[1])]
+    flipped = [torch.where(params["flip"][:, j].view(-1, 1, 1, 1), c.flip(-1), c) for j, c in enumerate(crops)]
+    return photometric_reference(flipped, params, cfg)
 
 
 def test_from_crops_is_flip_then_dinos_photometric_part():
