@@ -121,8 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{'case':10s} {'crops':14s} {'batch':>5s} {'(a) img/s':>10s} {'(b) img/s':>10s} {'(c) img/s':>10s} "
           f"{'(a)/(b)':>8s} {'(a)/(c)':>8s}")
     for name, r in results.items():
-        print(f"{name:10s} {r['crops']:14s} {r['batch']:5d} {r['bcssl_end_to_end_img_s']:10.2f} "
-              f"{r['model_only_img_s']:10.2f} {r['pil_reference_img_s']:10.2f} {r['end_to_end_over_model_only']:8.3f} "
+        print(f"{name:10s} {r['crops']:14s} {r['batch']:5d} {r['bcssl_end_to_end_img_s']:10.4g} "
+              f"{r['model_only_img_s']:10.4g} {r['pil_reference_img_s']:10.4g} {r['end_to_end_over_model_only']:8.3f} "
               f"{r['end_to_end_over_pil_reference']:8.3f}")
     print("goals: (a)/(b) >= 0.9, (a)/(c) >= 1.2")
     summary = {"cpu": cpu, "images": args.images, "side": [lo, hi], "workers": args.workers, "cases": results}
