@@ -2,7 +2,8 @@
 
   (a) bcssl end to end: uint8 batches -> batched multi-crop on the device -> DINO step
       (image folders: crops cut from the original images in the loader's data.workers, the
-      photometric part batched on the device)
+      photometric part batched on the device; on the CPU with workers, batched in the workers,
+      as the trainer does)
   (b) the model alone on pre-made crops (the compute ceiling of (a))
   (c) the usual reference pipeline: per-image torchvision/PIL multi-crop (DINO's
       DataAugmentationDINO) in DataLoader workers -> the same DINO step, same crops and batch
@@ -36,6 +37,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 
@@ -45,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pil_multicrop import DataAugmentationDINO  # noqa: E402
 
 from bcssl.config import load_config  # noqa: E402
-from bcssl.data import BatchLoader, pretraining_dataset  # noqa: E402
+from bcssl.data import BatchLoader, WorkerPhotometric, pretraining_dataset  # noqa: E402
 from bcssl.data.multicrop import multicrop_from_config  # noqa: E402
 from bcssl.engine.runtime import build_method, param_groups, step_seed  # noqa: E402
 from bcssl.engine.trainer import compile_student  # noqa: E402
@@ -214,12 +216,16 @@ def main(argv: list[str] | None = None) -> dict:
     # still be full when the clock stops (reference_batches), so the loader gets that many batches.
     files = hasattr(data, "crop_item")
     limit = B * (reference_batches(n, cfg.data.workers) if files else n)
+    # as the trainer: on the CPU with workers, the workers finish the crops too (CropBatch.views)
+    in_workers = device.type == "cpu" and cfg.data.workers > 0 and not cfg.data.decode_on_device
     loader = BatchLoader(data, B, seed=0, limit=min(limit, len(data)), workers=cfg.data.workers, crops=multicrop.cfg,
-                         decode_device=device, pin_memory=device.type == "cuda")
+                         decode_device=device, pin_memory=device.type == "cuda",
+                         photometric=WorkerPhotometric(multicrop.cfg, partial(step_seed, 0), B) if in_workers else None)
 
     def crops_of(batch, i):
         if loader.makes_crops:
-            return multicrop.from_crops(batch.to(device).groups, step_seed(0, i), batch.positions, B)
+            batch = batch.to(device)
+            return batch.views or multicrop.from_crops(batch.groups, step_seed(0, i), batch.positions, B)
         return multicrop(batch[0].to(device), step_seed(0, i))
 
     def fresh_method():

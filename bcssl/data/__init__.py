@@ -25,7 +25,7 @@ from .datasets import (
     probe_readable,
     train_and_eval_sets,
 )
-from .loader import BatchLoader, CropBatch, epoch_order, steps_per_epoch
+from .loader import BatchLoader, CropBatch, WorkerPhotometric, epoch_order, steps_per_epoch
 
 __all__ = [
     "DATASET_NAMES",
@@ -48,6 +48,7 @@ __all__ = [
     "train_and_eval_sets",
     "BatchLoader",
     "CropBatch",
+    "WorkerPhotometric",
     "CropItem",
     "Unreadable",
     "crop_boxes",

@@ -82,22 +82,27 @@ class CropBatch:
     parameters are drawn per position: ``MultiCrop.from_crops``); ``boxes``: int64 ``(b, K, 4)``
     (top, left, height, width) in the original image's pixels; ``sizes``: int64 ``(b, 2)`` its
     (width, height). ``b`` is smaller than the batch size when files were unreadable.
+    ``views``: the finished crops (``MultiCrop.from_crops``) when the loader made them
+    (:class:`WorkerPhotometric`), else None.
     """
     groups: list
     labels: torch.Tensor
     positions: torch.Tensor
     boxes: torch.Tensor
     sizes: torch.Tensor
+    views: list | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
     def to(self, device, non_blocking: bool = False) -> "CropBatch":
-        return CropBatch([g.to(device, non_blocking=non_blocking) for g in self.groups], self.labels,
-                         self.positions, self.boxes, self.sizes)
+        def move(ts):
+            return None if ts is None else [t.to(device, non_blocking=non_blocking) for t in ts]
+        return CropBatch(move(self.groups), self.labels, self.positions, self.boxes, self.sizes, move(self.views))
 
     def pin_memory(self) -> "CropBatch":  # DataLoader(pin_memory=True) calls this on custom batches
-        return CropBatch([g.pin_memory() for g in self.groups], self.labels, self.positions, self.boxes, self.sizes)
+        return CropBatch([g.pin_memory() for g in self.groups], self.labels, self.positions, self.boxes, self.sizes,
+                         None if self.views is None else [v.pin_memory() for v in self.views])
 
     @classmethod
     def stack(cls, items: list[CropItem], positions: list[int], cfg) -> "CropBatch":
@@ -146,7 +151,7 @@ class _DropBadCollate:
 
 
 class _Cropping(Dataset):
-    """Keys ``(index, crop seed, position)`` -> ``(index, seed, position, item)``: the item is the
+    """Keys ``(index, crop seed, position, step)`` -> ``(index, seed, position, step, item)``: the item is the
     dataset's :meth:`crop_item` (crops cut in this worker) or, for device decoding, its :meth:`read`."""
 
     def __init__(self, dataset, cfg, raw: bool):
@@ -156,22 +161,50 @@ class _Cropping(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key):
-        i, seed, pos = key
+        i, seed, pos, step = key
         item = self.dataset.read(i) if self.raw else self.dataset.crop_item(i, seed, self.cfg)
-        return i, seed, pos, item
+        return i, seed, pos, step, item
+
+
+class WorkerPhotometric:
+    """The photometric part of the multi-crop (``MultiCrop.from_crops``), run by the loader on
+    each batch it collates: for training on the CPU with loader workers, where the workers are
+    CPU cores that run beside the training step (on a GPU it is the device's job).
+
+    ``seed_of_step(global step)``: the step's augmentation seed (the trainer's); ``global_batch``:
+    the global batch size the parameters are drawn for. Picklable (it goes to the workers).
+    """
+
+    def __init__(self, cfg, seed_of_step, global_batch: int):
+        self.cfg, self.seed_of_step, self.global_batch = cfg, seed_of_step, int(global_batch)
+        self._multicrop = None
+
+    def __getstate__(self):
+        return {**self.__dict__, "_multicrop": None}
+
+    def __call__(self, batch: CropBatch, step: int) -> list[torch.Tensor]:
+        if self._multicrop is None:
+            from .multicrop import MultiCrop
+
+            self._multicrop = MultiCrop(self.cfg)
+            self._multicrop.recycle_outputs = False  # the trainer reads the outputs in another process
+        return self._multicrop.from_crops(batch.groups, self.seed_of_step(step), batch.positions, self.global_batch)
 
 
 class _CropCollate:
-    """In the worker: stack the crops of the readable items into a :class:`CropBatch`; also return
-    the ``(index, item)`` of the unreadable ones."""
+    """In the worker: stack the crops of the readable items into a :class:`CropBatch` (and, given a
+    ``photometric``, finish them); also return the ``(index, item)`` of the unreadable ones."""
 
-    def __init__(self, cfg):
-        self.cfg = cfg
+    def __init__(self, cfg, photometric: WorkerPhotometric | None = None):
+        self.cfg, self.photometric = cfg, photometric
 
     def __call__(self, batch):
-        good = [(pos, item) for _, _, pos, item in batch if isinstance(item, CropItem)]
-        bad = [(i, item) for i, _, _, item in batch if not isinstance(item, CropItem)]
-        return CropBatch.stack([it for _, it in good], [p for p, _ in good], self.cfg), bad
+        good = [(pos, item) for _, _, pos, _, item in batch if isinstance(item, CropItem)]
+        bad = [(i, item) for i, _, _, _, item in batch if not isinstance(item, CropItem)]
+        out = CropBatch.stack([it for _, it in good], [p for p, _ in good], self.cfg)
+        if self.photometric is not None and len(out):
+            out.views = self.photometric(out, batch[0][3])
+        return out, bad
 
 
 class _RawCollate:
@@ -179,8 +212,8 @@ class _RawCollate:
     ``(index, seed, position, bytes or image)``, and the unreadable ones."""
 
     def __call__(self, batch):
-        good = [(i, seed, pos, item) for i, seed, pos, item in batch if not _bad(item)]
-        bad = [(i, item) for i, _, _, item in batch if _bad(item)]
+        good = [(i, seed, pos, item) for i, seed, pos, _, item in batch if not _bad(item)]
+        bad = [(i, item) for i, _, _, _, item in batch if _bad(item)]
         return good, bad
 
 
@@ -209,6 +242,8 @@ class BatchLoader:
         decode_device: with ``crops``, where a dataset with ``decode_on_device`` (config
             ``data.decode_on_device``) has each batch of JPEG bytes decoded and cut into crops
             (batches then come on that device). Default: the CPU.
+        photometric: with ``crops`` (and no device decoding), a :class:`WorkerPhotometric` that
+            finishes each batch's crops where it is collated (``CropBatch.views``).
 
     Unreadable items are dropped, so such batches are just smaller (an all-bad batch has 0
     rows); ``skipped`` counts them and the first one is logged (logger ``bcssl``) with its
@@ -230,6 +265,7 @@ class BatchLoader:
         limit: int | None = None,
         crops=None,
         decode_device: torch.device | str | None = None,
+        photometric: WorkerPhotometric | None = None,
     ):
         if not 0 <= rank < world_size:
             raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
@@ -250,6 +286,7 @@ class BatchLoader:
         self.pin_memory = bool(pin_memory)
         self.limit = limit
         self.crops = crops
+        self.photometric = photometric
         self.decode_device = torch.device(decode_device if decode_device is not None else "cpu")
         self.decode_on_device = bool(getattr(dataset, "decode_on_device", False))
         self.num_items = len(dataset) if limit is None else min(int(limit), len(dataset))
@@ -346,9 +383,9 @@ class BatchLoader:
     def _iter_crops(self, epoch: int, slices):
         raw = self.decode_on_device
         steps = len(self)
-        sampler = [[(int(i), crop_seed(self.seed, epoch * steps + s, int(p)), int(p)) for i, p in zip(idx, pos)]
-                   for s, idx, pos in slices]
-        collate = _RawCollate() if raw else _CropCollate(self.crops)
+        sampler = [[(int(i), crop_seed(self.seed, epoch * steps + s, int(p)), int(p), epoch * steps + s)
+                    for i, p in zip(idx, pos)] for s, idx, pos in slices]
+        collate = _RawCollate() if raw else _CropCollate(self.crops, self.photometric)
         for batch, bad in self._loader(_Cropping(self.dataset, self.crops, raw), sampler, collate):
             if raw:
                 batch, failed = self._device_crops(batch)

@@ -559,6 +559,9 @@ class MultiCrop:
     #: resize crops with two separable passes (True) or one bicubic ``grid_sample`` (False);
     #: None: separable on the CPU, grid_sample elsewhere. Same results up to float rounding.
     separable: bool | None = None
+    #: reuse CPU output buffers once nothing in this process refers to them (see _output_buffer);
+    #: False where outputs leave the process (loader workers: the trainer still reads them)
+    recycle_outputs: bool = True
 
     def __init__(self, cfg: MultiCropConfig | None = None):
         self.cfg = cfg or MultiCropConfig()
@@ -896,7 +899,7 @@ class MultiCrop:
         while anything can still read them. Without ``torch._C._storage_Use_Count``: fresh.
         """
         use_count = getattr(torch._C, "_storage_Use_Count", None)
-        if torch.device(device).type != "cpu" or use_count is None:
+        if torch.device(device).type != "cpu" or use_count is None or not self.recycle_outputs:
             return torch.empty(shape, device=device)
         numel = math.prod(shape)
         pool = self._out_pool

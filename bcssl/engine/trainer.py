@@ -11,12 +11,13 @@ import signal
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from bcssl.data import BatchLoader, pretraining_dataset, probe_readable
+from bcssl.data import BatchLoader, WorkerPhotometric, pretraining_dataset, probe_readable
 from bcssl.data.multicrop import multicrop_from_config
 from bcssl.engine import checkpoint as ckpt
 from bcssl.engine import distributed as ddp
@@ -143,12 +144,18 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
         run_dir.mkdir(parents=True, exist_ok=True)
 
     # Image files: each image's crops are cut from the original in the loader's workers (CropBatch);
-    # in-memory sets: uint8 batches, cropped on the device. Both get the photometric part there.
+    # in-memory sets: uint8 batches, cropped on the device. Both get the photometric part there, except
+    # when training on the CPU with workers: they are CPU cores beside the step, so they finish the crops.
     dataset = pretraining_dataset(cfg)
     multicrop = multicrop_from_config(cfg.crops)
+    global_batch_size = cfg.train.batch_size * dist.world_size
+    in_workers = device.type == "cpu" and cfg.data.workers > 0 and not cfg.data.decode_on_device
+    photometric = WorkerPhotometric(multicrop.cfg, partial(step_seed, cfg.seed), global_batch_size) \
+        if in_workers else None
     loader = BatchLoader(dataset, cfg.train.batch_size, seed=cfg.seed, shuffle=True, drop_last=True,
                          workers=cfg.data.workers, pin_memory=device.type == "cuda", limit=cfg.data.limit,
-                         rank=dist.rank, world_size=dist.world_size, crops=multicrop.cfg, decode_device=device)
+                         rank=dist.rank, world_size=dist.world_size, crops=multicrop.cfg, decode_device=device,
+                         photometric=photometric)
     if loader.may_drop_images and hasattr(dataset, "open"):
         probe_readable(dataset)  # a folder of unreadable files stops here, not after an empty epoch
     steps_per_epoch = len(loader)
@@ -258,8 +265,8 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
 
             if loader.makes_crops:  # photometric parameters per position in the global batch
                 batch = batch.to(device, non_blocking=True)
-                crops = multicrop.from_crops(batch.groups, step_seed(cfg.seed, step), batch.positions,
-                                             loader.global_batch_size)
+                crops = batch.views or multicrop.from_crops(batch.groups, step_seed(cfg.seed, step), batch.positions,
+                                                            loader.global_batch_size)
             else:
                 images = batch[0].to(device, non_blocking=True)
                 crops = multicrop(images, step_seed(cfg.seed, step), rank=dist.rank, world_size=dist.world_size)

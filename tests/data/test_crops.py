@@ -257,3 +257,50 @@ shutdown_distributed()
         for j in range(4):
             assert torch.equal(torch.cat([p[1][j] for p in parts if p[1] is not None]), ref[j])
     assert sum(len(p[0]) for r in ranks for p in r) == 7  # the unreadable file dropped once
+
+
+def test_worker_photometric_finishes_the_crops_the_trainer_would(tmp_path):
+    """CPU training with loader workers: the workers run MultiCrop.from_crops on their batch
+    (CropBatch.views), with the step's seed: the same crops as the trainer makes from the groups."""
+    from functools import partial
+
+    from bcssl.data import WorkerPhotometric
+    from bcssl.engine.runtime import step_seed
+
+    rng = np.random.default_rng(2)
+    (tmp_path / "c").mkdir()
+    for k in range(6):
+        Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).resize((40 + 6 * k, 50)).save(
+            tmp_path / "c" / f"{k}.jpg")
+    ds = ImageFolderDataset(tmp_path)
+    photometric = WorkerPhotometric(SMALL, partial(step_seed, 4), 3)
+    loader = BatchLoader(ds, 3, seed=4, crops=SMALL, workers=1, photometric=photometric)
+    mc = MultiCrop(SMALL)
+    batches = list(loader.epoch(2))
+    assert len(batches) == 2
+    for s, batch in enumerate(batches):
+        step = 2 * 2 + s  # epoch 2 of 2 steps
+        ref = mc.from_crops(batch.groups, step_seed(4, step), batch.positions, 3)
+        assert batch.views is not None and all(torch.equal(v, r) for v, r in zip(batch.views, ref))
+
+
+def test_training_losses_do_not_depend_on_where_the_crops_are_finished(tmp_path):
+    """Image folder on the CPU: 0 loader workers (the trainer finishes the crops) and 1 worker (the
+    worker does) train to the same losses."""
+    import json
+
+    from bcssl.engine.trainer import train
+    from tests.conftest import tiny_config
+
+    rng = np.random.default_rng(3)
+    (tmp_path / "imgs").mkdir()
+    for k in range(8):
+        Image.fromarray(rng.integers(0, 256, (5, 5, 3), dtype=np.uint8)).resize((40 + 5 * k, 64 - 3 * k)).save(
+            tmp_path / "imgs" / f"{k}.jpg")
+    losses = []
+    for workers in (0, 1):
+        cfg = tiny_config(tmp_path / f"w{workers}", tmp_path / "imgs", "data.name=image_folder", "train.epochs=1",
+                          "train.batch_size=4", "eval.final_knn=false", f"data.workers={workers}")
+        out = train(cfg)
+        losses.append([json.loads(line)["loss"] for line in open(f"{out.run_dir}/metrics.jsonl") if '"train"' in line])
+    assert len(losses[0]) == 2 and losses[0] == losses[1]
