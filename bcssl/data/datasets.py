@@ -30,6 +30,7 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL.Image import DecompressionBombError
 from torch.utils.data import Dataset
 
 from .crops import DRAFT_MARGIN, CropItem, Unreadable, crop_boxes, cut_crops, draft_pixels, open_rgb
@@ -284,7 +285,7 @@ _IMAGE_FOLDER_LAYOUT = (
 
 #: What PIL raises for a file it cannot decode (OSError covers UnidentifiedImageError and
 #: "image file is truncated"; DecompressionBombError: more than twice Image.MAX_IMAGE_PIXELS).
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, MemoryError)
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, MemoryError, DecompressionBombError)
 
 
 def _scan_files(directory: str, extensions: tuple[str, ...]) -> list[str]:

@@ -60,6 +60,10 @@ def test_each_odd_file_is_converted_or_reported(tmp_path):
     assert np.allclose(colour("palette.png"), [20, 200, 40], atol=1)
     assert np.allclose(colour("one.png"), [250, 10, 10], atol=1) and items["one.png"].size == (1, 1)
     assert items["huge.jpg"].decoded == (1500, 1125)
+    (tmp_path / "bomb").mkdir()
+    flat_gray_jpeg(tmp_path / "bomb" / "panorama.jpg", 20000, 10000)
+    bomb = ImageFolderDataset(tmp_path / "bomb").crop_item(0, 0, CROPS)  # 200 MP: PIL refuses it
+    assert isinstance(bomb, Unreadable) and bomb.reason.startswith("DecompressionBombError")
 
 
 def test_bad_image_folder_trains_to_the_end_with_the_right_skip_count(tmp_path, caplog):
