@@ -21,6 +21,11 @@ Goals (issue 12): (a)/(b) >= 0.9 and (a)/(c) >= 1.2 on CPU. Where the model's st
 time (BC-SSL-T on a CPU), all three are close to (b) and the ratios only show that the data path
 is not the bottleneck; the demo-sized model shows the data paths' cost.
 
+Then the data paths alone, per image, one thread, interleaved rounds (``--data-rounds``): bcssl's
+worker part (decode + crops cut from the original), its photometric part batched on the CPU, and
+DINO's whole per-image PIL pipeline. On a GPU the photometric part leaves the CPU, so the ratio
+PIL / worker part is how many times fewer CPU cores bcssl's loader needs per image there.
+
     python benchmarks/imagenet_like.py                              # both cases (~15 min on 2 cores)
     python benchmarks/imagenet_like.py --cases demo --workers 2 --rounds 3
 Extra KEY=VALUE overrides apply to every case. The last stdout line is one JSON object.
@@ -83,6 +88,49 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def data_path_costs(folder: Path, rounds: int, n: int = 32) -> dict:
+    """Milliseconds per image, one thread, at 2x224 + 10x96, medians of interleaved rounds over ``n``
+    images each: bcssl's worker part, its photometric part on the CPU, DINO's PIL pipeline."""
+    import statistics
+    import time
+
+    import torch
+
+    from bcssl.data import CropBatch, ImageFolderDataset
+    from bcssl.data.multicrop import MultiCrop, MultiCropConfig
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    cfg = MultiCropConfig(global_size=224, local_size=96, n_local=10)
+    ds, mc = ImageFolderDataset(folder), MultiCrop(cfg)
+    n = min(n, len(ds))
+    pil = train_throughput.FilePILDataset([ds.path(i) for i in range(len(ds))], train_throughput.DataAugmentationDINO(cfg))
+    times: dict[str, list[float]] = {"bcssl_workers": [], "bcssl_photometric_cpu": [], "dino_pil": []}
+    for r in range(rounds):
+        idx = [(r * n + k) % len(ds) for k in range(n)]
+        t = time.perf_counter()
+        items = [ds.crop_item(i, i, cfg) for i in idx]
+        times["bcssl_workers"].append(time.perf_counter() - t)
+        batch = CropBatch.stack(items, list(range(n)), cfg)
+        t = time.perf_counter()
+        mc.from_crops(batch.groups, r, batch.positions, n)
+        times["bcssl_photometric_cpu"].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        for i in idx:
+            pil[i]
+        times["dino_pil"].append(time.perf_counter() - t)
+    torch.set_num_threads(threads)
+    ms = {k: round(statistics.median(v) / n * 1e3, 2) for k, v in times.items()}
+    w, p, d = ms["bcssl_workers"], ms["bcssl_photometric_cpu"], ms["dino_pil"]
+    print(f"\ndata path per image, 1 thread ({rounds} rounds of {n} images, 2x224 + 10x96):")
+    print(f"  bcssl workers (decode + crops from the original) {w:7.2f} ms")
+    print(f"  bcssl photometric part, batched on the CPU       {p:7.2f} ms")
+    print(f"  DINO's per-image PIL pipeline                    {d:7.2f} ms")
+    print(f"  PIL / bcssl workers = {d / w:.2f} (CPU per image in the loader when the photometric part is on a GPU); "
+          f"PIL / bcssl all on the CPU = {d / (w + p):.2f}")
+    return {**ms, "pil_over_workers": round(d / w, 3), "pil_over_all_cpu": round(d / (w + p), 3)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="/tmp/bcssl_imagenet_like", help="folder for the JPEGs (kept for reuse)")
@@ -97,6 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--data-rounds", type=int, default=3, help="rounds of the per-image data-path timing (0: skip)")
     ap.add_argument("overrides", nargs="*", help="KEY=VALUE for every case")
     args = ap.parse_intermixed_args(argv)
     lo, hi = (int(v) for v in args.side.split(","))
@@ -125,7 +174,9 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['model_only_img_s']:10.4g} {r['pil_reference_img_s']:10.4g} {r['end_to_end_over_model_only']:8.3f} "
               f"{r['end_to_end_over_pil_reference']:8.3f}")
     print("goals: (a)/(b) >= 0.9, (a)/(c) >= 1.2")
-    summary = {"cpu": cpu, "images": args.images, "side": [lo, hi], "workers": args.workers, "cases": results}
+    data = data_path_costs(folder, args.data_rounds) if args.data_rounds else None
+    summary = {"cpu": cpu, "images": args.images, "side": [lo, hi], "workers": args.workers, "cases": results,
+               "data_path_ms_per_image": data}
     print(json.dumps(summary))
     return summary
 
