@@ -151,17 +151,20 @@ class _DropBadCollate:
 
 
 class _Cropping(Dataset):
-    """Keys ``(index, crop seed, position, step)`` -> ``(index, seed, position, step, item)``: the item is the
-    dataset's :meth:`crop_item` (crops cut in this worker) or, for device decoding, its :meth:`read`."""
+    """Keys ``(index, position, global step)`` -> ``(index, crop seed, position, step, item)``: the
+    item is the dataset's :meth:`crop_item` (crops cut in this worker) or, for device decoding, its
+    :meth:`read`. The crop seed (:func:`~bcssl.data.crops.crop_seed` of the loader's seed, the step
+    and the position) is computed here, in the workers, not for a whole epoch up front."""
 
-    def __init__(self, dataset, cfg, raw: bool):
-        self.dataset, self.cfg, self.raw = dataset, cfg, raw
+    def __init__(self, dataset, cfg, raw: bool, seed: int):
+        self.dataset, self.cfg, self.raw, self.seed = dataset, cfg, raw, seed
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def __getitem__(self, key):
-        i, seed, pos, step = key
+        i, pos, step = key
+        seed = crop_seed(self.seed, step, pos)
         item = self.dataset.read(i) if self.raw else self.dataset.crop_item(i, seed, self.cfg)
         return i, seed, pos, step, item
 
@@ -383,10 +386,9 @@ class BatchLoader:
     def _iter_crops(self, epoch: int, slices):
         raw = self.decode_on_device
         steps = len(self)
-        sampler = [[(int(i), crop_seed(self.seed, epoch * steps + s, int(p)), int(p), epoch * steps + s)
-                    for i, p in zip(idx, pos)] for s, idx, pos in slices]
+        sampler = [[(i, p, epoch * steps + s) for i, p in zip(idx.tolist(), pos.tolist())] for s, idx, pos in slices]
         collate = _RawCollate() if raw else _CropCollate(self.crops, self.photometric)
-        for batch, bad in self._loader(_Cropping(self.dataset, self.crops, raw), sampler, collate):
+        for batch, bad in self._loader(_Cropping(self.dataset, self.crops, raw, self.seed), sampler, collate):
             if raw:
                 batch, failed = self._device_crops(batch)
                 bad = bad + failed
