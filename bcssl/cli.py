@@ -25,6 +25,7 @@ EPILOG = """examples:
   bcssl eval detection runs/imagenet_bcssl_t_300ep detection.root=/data/coco --nproc 8
   bcssl bench throughput --models bcssl_t,swin_t --batch 16
   bcssl viz cam runs/demo
+  bcssl viz crops --config imagenet_bcssl_t_100ep --images ./photos --json
   bcssl report runs/demo
   bcssl sweep --config sweep_fmnist --grid model.kernel_size=3,5,7,9,15 model.dw_norm=ln,bn+ln
   bcssl export runs/demo --format onnx               # also safetensors, torchscript, timm
@@ -85,6 +86,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--nproc", type=int, default=None,
                    help="processes on this machine (one per GPU): reruns the command under `torchrun --standalone "
                         "--nproc_per_node=N`; train.batch_size is per process")
+    p.add_argument("--resume-changed", action="store_true",
+                   help="resume a run whose config differs from the one it started with in keys a run may change "
+                        "(train.epochs, train.log_every_steps, train.checkpoint_every_steps, log.*, eval.*, linear.*, "
+                        "detection.*); without it any difference is refused")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=10")
     _add_common(p)
 
@@ -129,6 +134,23 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     v.add_argument("--methods", default="gradcam,eigencam")
     v.add_argument("--out", default=None, help="PNG path (default: <first run>/cam.png, where `bcssl report` finds it)")
     v.add_argument("--n", type=int, default=8, help="number of default images")
+    _add_common(v)
+    v = vsub.add_parser("crops", help="the pre-training multi-crops of a few images: a grid PNG (original with the "
+                        "boxes, then each crop as the network sees it); --json adds every crop's box",
+                        description="Writes a grid PNG of the multi-crops of the first N images: one row per image, "
+                        "the original with every crop's box drawn, then the crops after the whole augmentation. "
+                        "Image files are cut as in pre-training (boxes over the original image, seeded as positions "
+                        "0..N-1 of global step --step). With --json the last stdout line is "
+                        '{"png": PATH, "images": [{"path", "width", "height", "crops": [{"kind": "global|local", '
+                        '"box": [x0, y0, x1, y1], "flip": bool}]}]}, boxes in the original image pixels '
+                        "(x1, y1 exclusive).")
+    v.add_argument("--config", required=True, help="preset name or YAML file (its crops.* and data.*)")
+    v.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. crops.n_local=10")
+    v.add_argument("--images", default=None, help="a folder of images, flat or class folders (default: the "
+                   "config's pre-training data)")
+    v.add_argument("--n", type=int, default=4, help="number of images (default 4)")
+    v.add_argument("--step", type=int, default=0, help="global step whose crop seeds are used (default 0)")
+    v.add_argument("--out", default="crops.png", help="PNG path (default: ./crops.png)")
     _add_common(v)
 
     p = sub.add_parser("sweep", help="kernel-size x norm study: train + evaluate every grid combination "
@@ -197,7 +219,7 @@ def cmd_pretrain(args) -> None:
     if _relaunched(args):
         return
     cfg = load_config(args.config, args.overrides)
-    result = train(cfg, knn_eval=knn_monitor(cfg)).as_dict()
+    result = train(cfg, knn_eval=knn_monitor(cfg), resume_changed=args.resume_changed).as_dict()
     if env_rank() != 0:
         return  # rank 0 reports
     knn = f", k-NN top-1 {result['knn_top1']:.2f}%" if result["knn_top1"] is not None else ""
@@ -283,6 +305,15 @@ def cmd_viz_cam(args) -> None:
     _emit(args, s, f"{rows}\nCAM grid: {s['png']}")
 
 
+def cmd_viz_crops(args) -> None:
+    from bcssl.config import load_config
+    from bcssl.data.crop_viz import visualize_crops
+
+    cfg = load_config(args.config, args.overrides)
+    r = visualize_crops(cfg, args.images, n=args.n, step=args.step, out_png=args.out)
+    _emit(args, r, f"crops of {len(r['images'])} images ({2 + cfg.crops.n_local} each): {r['png']}")
+
+
 def cmd_sweep(args) -> None:
     import shlex
 
@@ -354,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.setdefault("TQDM_MININTERVAL", "30")
     handler = {"pretrain": cmd_pretrain, "demo": cmd_demo, "presets": cmd_presets, "report": cmd_report,
                "sweep": cmd_sweep, "export": cmd_export,
-               "viz": {"cam": cmd_viz_cam}.get(getattr(args, "viz_command", None)),
+               "viz": {"cam": cmd_viz_cam, "crops": cmd_viz_crops}.get(getattr(args, "viz_command", None)),
                "bench": {"throughput": cmd_bench_throughput}.get(getattr(args, "bench_command", None)),
                "eval": cmd_eval}[args.command]
     try:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import difflib
-import warnings
+import logging
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -17,6 +17,16 @@ PRESET_DIR = Path(__file__).parent / "presets"
 
 class ConfigError(ValueError):
     """A configuration the user wrote is invalid; the message says what to change."""
+
+
+#: Keys bcssl no longer has, with what replaced them. A YAML file that has one (the config.yaml of
+#: a run made by an older bcssl) loads without it, with one log line; an override naming one is an error.
+RETIRED_KEYS = {
+    "data.load_size": "pre-training crops come from the whole image now, and the evaluation's Resize + "
+                      "CenterCrop of image folders are eval.data.resize_size / eval.data.crop_size",
+}
+
+log = logging.getLogger("bcssl")
 
 
 def list_presets() -> list[str]:
@@ -72,9 +82,9 @@ def _check_keys(keys: Iterable[str], source: str) -> None:
         raise ConfigError(f"unknown config key '{key}' in {source}.{hint}")
 
 
-#: keys that moved to an evaluation's own section: old key -> (new key, old value -> {new key: value}).
-#: A YAML file with an old key (a run saved by an older bcssl) is read as the new one, with a warning;
-#: an old key on the command line is an error naming the new one.
+#: keys that moved to another section: old key -> (new key, old value -> {new key: value}).
+#: A YAML file with an old key (a run saved by an older bcssl) is read as the new one, with one log
+#: line; an old key on the command line is an error naming the new one.
 MOVED_KEYS = {
     "eval.robustness_limit": ("robustness.corruption_limit", lambda v: {"robustness.corruption_limit": v}),
     "eval.imagenet_c": ("robustness.folder", lambda v: (
@@ -104,15 +114,23 @@ def _set_dotted(d: dict, dotted: str, value) -> None:
 
 
 def _migrate(layer: dict, source: str, command_line: bool = False) -> dict:
+    """Read the keys of older bcssl versions in ``layer`` (:data:`MOVED_KEYS`, :data:`RETIRED_KEYS`)."""
+    for key, why in RETIRED_KEYS.items():
+        found, _ = _pop_dotted(layer, key)
+        if found and command_line:
+            raise ConfigError(f"{key} was retired: {why}")
+        if found:
+            log.info("%s: ignoring %s (retired: %s)", source, key, why)
     for old, (new, convert) in MOVED_KEYS.items():
         found, value = _pop_dotted(layer, old)
         if not found:
             continue
         if command_line:
             raise ConfigError(f"'{old}' is now '{new}'; write {new}=... instead")
-        warnings.warn(f"{source}: '{old}' is now '{new}' (read as {convert(value) or 'unset'})", stacklevel=3)
+        log.warning("%s: '%s' is now '%s' (read as %s)", source, old, new, convert(value) or "unset")
         for key, v in convert(value).items():
             _set_dotted(layer, key, v)
+    return layer
     return layer
 
 
@@ -175,6 +193,13 @@ def _validate(cfg: DictConfig) -> None:
     need(len(cfg.crops.blur_p) == 3 and len(cfg.crops.solarize_p) == 3,
          "crops.blur_p and crops.solarize_p need 3 values: global1, global2, locals")
     need(cfg.data.limit is None or cfg.data.limit > 0, "data.limit must be a positive number of images")
+    folder = str(cfg.data.name).lower().replace("-", "_") == "image_folder"
+    need(folder or (cfg.data.file_list is None and not cfg.data.decode_on_device),
+         f"data.file_list and data.decode_on_device need data.name=image_folder (got {cfg.data.name})")
+    ed = cfg.eval.data
+    need(1 <= ed.crop_size <= ed.resize_size,
+         f"eval.data.crop_size must be in [1, eval.data.resize_size] (a centre crop of the resized image), "
+         f"got crop {ed.crop_size}, resize {ed.resize_size}")
     dm = cfg.detection.min_size
     need(len(dm) == 2 and 0 < dm[0] <= dm[1], f"detection.min_size must be [low, high] shorter sides, got {list(dm)}")
     need(cfg.detection.amp in AMP_MODES,

@@ -27,9 +27,11 @@ class DataConfig:
     download: bool = False
     limit: Optional[int] = None  # use only the first N training images
     workers: int = 4
-    load_size: int = 256  # image_folder: shorter side resized + centre-cropped to this square
+    # image_folder: pre-train on the images listed in this text file (one path per line, relative to
+    # data.root) instead of the folder; unlabelled, like a flat folder
+    file_list: Optional[str] = None
     # image_folder: the loader decodes each batch of JPEG bytes on the training device
-    # (torchvision.io.decode_jpeg; nvJPEG on CUDA) instead of PIL in the workers
+    # (torchvision.io.decode_jpeg; nvJPEG on CUDA) and cuts the crops there, instead of PIL in the workers
     decode_on_device: bool = False
 
 
@@ -118,6 +120,16 @@ class TrainConfig:
 
 
 @dataclass
+class EvalDataConfig:
+    """What the evaluations read when they differ from the pre-training data (image folders)."""
+    root: Optional[str] = None  # a labelled ImageFolder (class folders); None: data.root
+    # DINO's evaluation transform of the original image (eval_knn.py / eval_linear.py):
+    # Resize(resize_size) of the shorter side (bicubic) + CenterCrop(crop_size); image folders only
+    resize_size: int = 256
+    crop_size: int = 224
+
+
+@dataclass
 class EvalConfig:
     knn_every: int = 20  # epochs between k-NN monitor evaluations (0: only at the end)
     knn_k: int = 20
@@ -129,6 +141,7 @@ class EvalConfig:
     # the network every evaluation uses: auto (the method's paper: DINO's teacher, the online
     # encoder of BYOL / MoCo v3 / CARE), student (the optimised one) or teacher (the EMA one)
     encoder: str = "auto"
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
 
 
 @dataclass

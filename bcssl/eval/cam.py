@@ -406,9 +406,11 @@ def cam_for_runs(run_dirs: Sequence[Union[str, os.PathLike]], images, *, methods
         names = None
 
     grid_rows, summary_rows = [], []
+    from bcssl.data import eval_image_size
+
     for run_dir in run_dirs:
         cfg, backbone, ckpt_path = load_run_backbone(run_dir, overrides)
-        size = int(cfg.crops.global_size)
+        size = eval_image_size(cfg)
         mean, std = list(cfg.crops.mean), list(cfg.crops.std)
         try:
             classifier = load_linear_classifier(run_dir)
@@ -454,8 +456,8 @@ def default_images(run_dir: Union[str, os.PathLike], n: int = 8) -> torch.Tensor
     from bcssl.data import dataset_from_config
     from bcssl.engine.run_dir import load_run_config
 
-    d = load_run_config(run_dir).data
-    ds = dataset_from_config(d, d.eval_split)
+    cfg = load_run_config(run_dir)
+    ds = dataset_from_config(cfg, cfg.data.eval_split)
     picked: dict[int, torch.Tensor] = {}
     for i in range(len(ds)):
         item = ds[i]

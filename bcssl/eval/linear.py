@@ -504,7 +504,7 @@ def linear_probe(run_dir: str | os.PathLike, overrides: Sequence[str] = (), devi
     with ddp.process_group(str(device) if device is not None else cfg.device) as (dist, device):
         backbone = loaded.backbone.to(device).requires_grad_(False)
         kind = linear_features_of(backbone)[1]
-        sets = train_and_eval_sets(d)
+        sets = train_and_eval_sets(cfg)
         train_set = sets[d.split]
         num_classes = int(train_set.num_classes)
 

@@ -58,3 +58,15 @@ def test_yaml_file_with_unknown_key(tmp_path):
 def test_presets_listed():
     assert {"demo_fmnist", "demo_fmnist_long", "imagenet_bcssl_t_100ep", "imagenet_bcssl_t_300ep",
             "imagenet_bcssl_s_300ep"} <= set(list_presets())
+
+
+def test_retired_key_is_dropped_from_files_and_refused_as_override(tmp_path, caplog):
+    """data.load_size is gone: an older run's config.yaml still loads (one log line); an override is an error."""
+    old = tmp_path / "config.yaml"
+    old.write_text("data:\n  name: image_folder\n  load_size: 256\n")
+    with caplog.at_level("INFO", logger="bcssl"):
+        cfg = load_config(str(old))
+    assert cfg.data.name == "image_folder" and "load_size" not in cfg.data
+    assert "ignoring data.load_size (retired: " in caplog.text
+    with pytest.raises(ConfigError, match="data.load_size was retired: .*eval.data.resize_size"):
+        load_config(None, ["data.load_size=128"])

@@ -23,7 +23,7 @@ def fake_imagenet(tmp_path):
                                           ("imagenet_bcssl_s_300ep", "bcssl_s")])
 def test_paper_preset_two_steps(tmp_path, fake_imagenet, preset, model):
     cfg = load_config(preset, [f"data.root={fake_imagenet}", f"run.dir={tmp_path}/runs", "data.workers=0",
-                               "data.load_size=64", "crops.global_size=64", "crops.local_size=32",
+                               "crops.global_size=64", "crops.local_size=32",
                                "crops.n_local=2", "train.batch_size=2", "train.epochs=1", "train.amp=none",
                                "train.progress=false", "log.tensorboard=false", "threads=2",
                                "train.log_every_steps=1"])

@@ -170,7 +170,7 @@ def test_a_rank_whose_batch_is_all_unreadable_does_not_hang_the_others(tmp_path)
     one_of_rank0 = BatchLoader(ds, 2, seed=0, rank=0, world_size=2).batch_indices(0)[2][:1]
     for i in bad.tolist() + one_of_rank0.tolist():
         open(ds.path(i), "wb").write(b"not an image")
-    cfg = tiny_config(tmp_path, root, "data.name=image_folder", "data.load_size=16", "train.epochs=1",
+    cfg = tiny_config(tmp_path, root, "data.name=image_folder", "train.epochs=1",
                       "train.batch_size=2", "train.log_every_steps=1", "train.checkpoint_every_steps=0",
                       "eval.final_knn=false", "eval.knn_every=0")
     OmegaConf.save(cfg, tmp_path / "c.yaml")
