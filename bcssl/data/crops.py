@@ -113,12 +113,14 @@ def sample_box(rng: np.random.Generator, width: int, height: int, scale: Sequenc
 
 
 def crop_groups(cfg) -> list[tuple[int, int, tuple]]:
-    """``[(size, count, scale)]``: the global crops, then the local ones (a ``MultiCropConfig``)."""
-    return [(cfg.global_size, 2, tuple(cfg.global_scale)), (cfg.local_size, cfg.n_local, tuple(cfg.local_scale))]
+    """``[(size, count, scale)]``: the global crops, then the local ones (a ``MultiCropConfig``: 2
+    globals; a config with ``n_global``, e.g. the linear probe's one crop, sets their number)."""
+    return [(cfg.global_size, getattr(cfg, "n_global", 2), tuple(cfg.global_scale)),
+            (cfg.local_size, cfg.n_local, tuple(cfg.local_scale))]
 
 
 def crop_boxes(seed: int, width: int, height: int, cfg) -> list[tuple[int, int, int, int]]:
-    """Every crop box of one image (2 globals, then ``cfg.n_local`` locals), from ``seed``."""
+    """Every crop box of one image (the globals, then ``cfg.n_local`` locals), from ``seed``."""
     rng = np.random.default_rng(seed)
     return [sample_box(rng, width, height, scale, cfg.ratio)
             for _, count, scale in crop_groups(cfg) for _ in range(count)]
@@ -183,21 +185,23 @@ def cut_crops(img, boxes: Sequence[tuple[int, int, int, int]], size: tuple[int, 
     """The crops of ``img`` (RGB PIL) for ``boxes`` in the file's pixels (``size`` = its (w, h)).
 
     Each box is cut and resized to its group's size with PIL's bicubic filter (antialiased when it
-    shrinks): ``img.crop(box).resize(...)``, exactly torchvision's ``resized_crop`` on a PIL image.
+    shrinks; ``cfg.resample = "bilinear"`` for torchvision's default, which DINO's linear probe
+    uses): ``img.crop(box).resize(...)``, exactly torchvision's ``resized_crop`` on a PIL image.
     An image decoded at reduced size (JPEG draft) is resized from the box scaled to its pixels
     (``resize(box=...)``, sub-pixel exact). Returns uint8 ``(k, 3, S, S)`` per crop group.
     """
     from PIL import Image
 
+    resample = Image.Resampling[getattr(cfg, "resample", "bicubic").upper()]
     sx, sy = img.size[0] / size[0], img.size[1] / size[1]
     out, first = [], 0
     for s, count, _ in crop_groups(cfg):
         arr = np.empty((count, s, s, 3), np.uint8)
         for k, (i, j, h, w) in enumerate(boxes[first:first + count]):
             if sx == sy == 1:
-                crop = img.crop((j, i, j + w, i + h)).resize((s, s), Image.Resampling.BICUBIC)
+                crop = img.crop((j, i, j + w, i + h)).resize((s, s), resample)
             else:
-                crop = img.resize((s, s), Image.Resampling.BICUBIC, box=(j * sx, i * sy, (j + w) * sx, (i + h) * sy))
+                crop = img.resize((s, s), resample, box=(j * sx, i * sy, (j + w) * sx, (i + h) * sy))
             arr[k] = np.asarray(crop)
         out.append(torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous())
         first += count
@@ -206,15 +210,17 @@ def cut_crops(img, boxes: Sequence[tuple[int, int, int, int]], size: tuple[int, 
 
 def device_crops(img: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], cfg) -> list[torch.Tensor]:
     """:func:`cut_crops` of a decoded uint8 ``(3, H, W)`` image on its device: each box cut and
-    resized with ``F.interpolate(bicubic, antialias=True)`` (PyTorch's port of PIL's filter)."""
+    resized with ``F.interpolate(bicubic, antialias=True)`` (PyTorch's port of PIL's filter;
+    ``cfg.resample`` as in :func:`cut_crops`)."""
     import torch.nn.functional as F
 
+    mode = getattr(cfg, "resample", "bicubic")
     out, first = [], 0
     for s, count, _ in crop_groups(cfg):
         crops = []
         for i, j, h, w in boxes[first:first + count]:
             region = img[None, :, i:i + h, j:j + w].float()
-            crops.append(F.interpolate(region, size=(s, s), mode="bicubic", antialias=True, align_corners=False))
+            crops.append(F.interpolate(region, size=(s, s), mode=mode, antialias=True, align_corners=False))
         first += count
         group = torch.cat(crops) if crops else img.new_empty((0, 3, s, s), dtype=torch.float32)
         out.append(group.round_().clamp_(0, 255).to(torch.uint8))

@@ -111,7 +111,7 @@ class CropBatch:
             boxes = torch.stack([it.boxes for it in items])
         else:  # every item unreadable (or an empty rank slice): keep the shapes
             groups = [torch.empty((0, k, 3, s, s), dtype=torch.uint8) for s, k, _ in crop_groups(cfg)]
-            boxes = torch.empty((0, 2 + cfg.n_local, 4), dtype=torch.int64)
+            boxes = torch.empty((0, sum(k for _, k, _ in crop_groups(cfg)), 4), dtype=torch.int64)
         return cls(groups, torch.tensor([it.label for it in items], dtype=torch.int64),
                    torch.tensor(positions, dtype=torch.int64), boxes,
                    torch.tensor([it.size for it in items], dtype=torch.int64).view(-1, 2))
