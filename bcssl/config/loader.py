@@ -9,7 +9,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from bcssl.config.schema import AMP_MODES, Config
+from bcssl.config.schema import AMP_MODES, METHOD_SECTIONS, Config, MethodConfig
+
+MethodConfigDefault = MethodConfig()
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -51,6 +53,34 @@ def _flat_keys(d: dict, prefix: str = "") -> Iterable[str]:
 
 _VALID_KEYS: list[str] | None = None
 
+_DINO_KEYS = ("out_dim", "hidden_dim", "bottleneck_dim", "head_layers", "norm_last_layer", "use_bn_in_head",
+              "student_temp", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs",
+              "center_momentum", "freeze_last_layer")
+#: keys of the flat ``method`` section (and one model key) before each method had its own section:
+#: old key -> new key, or {method.name: new key} for keys several methods shared
+RENAMED_KEYS: dict[str, str | dict[str, str]] = {
+    **{f"method.{k}": f"method.dino.{k}" for k in _DINO_KEYS},
+    "method.momentum_teacher": {"dino": "method.dino.momentum_teacher", "byol": "method.byol.momentum",
+                                "moco_v3": "method.moco_v3.momentum", "care": "method.care.momentum"},
+    **{f"method.{k}": {m: f"method.{m}.{k}" for m in ("byol", "moco_v3", "care")}
+       for k in ("proj_hidden_dim", "proj_dim")},
+    "method.care_blocks": "method.care.blocks",
+    "method.care_heads": "method.care.heads",
+    "method.care_pos_size": "method.care.fmap_size",
+    "method.care_lambda": "method.care.lambda_fea",
+    "method.moco_proj_layers": "method.moco_v3.proj_layers",
+    "method.moco_temperature": "method.moco_v3.temperature",
+    "model.random_patch_projection": "method.moco_v3.stop_grad_conv1",
+}
+
+
+def _renamed(key: str, method: str) -> str | None:
+    """The new name of an old key (for ``method``, where several methods shared it)."""
+    new = RENAMED_KEYS.get(key)
+    if isinstance(new, dict):
+        return new.get(method) or " / ".join(new.values())
+    return new
+
 
 def valid_keys() -> list[str]:
     global _VALID_KEYS
@@ -61,14 +91,45 @@ def valid_keys() -> list[str]:
     return _VALID_KEYS
 
 
-def _check_keys(keys: Iterable[str], source: str) -> None:
+def _check_keys(keys: Iterable[str], source: str, method: str = "dino") -> None:
     valid = set(valid_keys())
     for key in keys:
         if key in valid:
             continue
+        new = _renamed(key, method)
+        if new is not None:
+            raise ConfigError(f"config key '{key}' in {source} was renamed: use '{new}' (each method has its own "
+                              f"section: {', '.join(f'method.{m}.*' for m in METHOD_SECTIONS)})")
         close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.5)
         hint = f" Did you mean '{close[0]}'?" if close else ""
         raise ConfigError(f"unknown config key '{key}' in {source}.{hint}")
+
+
+def _method_name(layer: dict, default: str) -> str:
+    method = layer.get("method")
+    name = method.get("name") if isinstance(method, dict) else None
+    return str(name) if name is not None else default
+
+
+def _merge_layers(base: dict, child: dict) -> dict:
+    """``child`` over ``base`` (plain dicts). A child that switches ``method.name`` does not inherit
+    the base's section of the previous method (fmnist_byol on top of demo_fmnist's DINO settings)."""
+    name = _method_name(child, _method_name(base, MethodConfigDefault.name))
+    if isinstance(base.get("method"), dict) and name != _method_name(base, MethodConfigDefault.name):
+        base = {**base, "method": {k: v for k, v in base["method"].items() if k not in METHOD_SECTIONS or k == name}}
+    return OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(child)))
+
+
+def _check_method_sections(layer: dict, name: str, source: str) -> None:
+    """Only the section of ``method.name`` may be set: a key of another method is an error."""
+    method = layer.get("method")
+    if not isinstance(method, dict):
+        return
+    for section in METHOD_SECTIONS:
+        if section != name and method.get(section):
+            key = next(iter(_flat_keys(method[section], f"method.{section}.")))
+            raise ConfigError(f"'{key}' in {source} is a setting of method {section}, but method.name is {name}; "
+                              f"set method.name={section} or use method.{name}.* keys")
 
 
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
@@ -83,9 +144,7 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     base = data.pop("_base_", None)
     if base is None:
         return data
-    merged = OmegaConf.merge(OmegaConf.create(_read_yaml(preset_path(base), seen + (path,))),
-                             OmegaConf.create(data))
-    return OmegaConf.to_container(merged)
+    return _merge_layers(_read_yaml(preset_path(base), seen + (path,)), data)
 
 
 def _parse_overrides(overrides: Sequence[str]) -> dict:
@@ -98,24 +157,29 @@ def _parse_overrides(overrides: Sequence[str]) -> dict:
 def load_config(preset_or_yaml: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Resolve a full run configuration. Raises :class:`ConfigError` with a clear message."""
     cfg = OmegaConf.structured(Config)
-    layers = []
-    if preset_or_yaml:
-        path = preset_path(preset_or_yaml)
-        layer = _read_yaml(path)
-        _check_keys(_flat_keys(layer), str(path))
-        layers.append(layer)
-    ov = _parse_overrides(overrides)
-    _check_keys(_flat_keys(ov), "the command-line overrides")
-    layers.append(ov)
+    user: dict = {}
+    for layer, source in _layers(preset_or_yaml, overrides):
+        name = _method_name(layer, _method_name(user, MethodConfigDefault.name))
+        _check_keys(_flat_keys(layer), source, name)
+        _check_method_sections(layer, name, source)
+        user = _merge_layers(user, layer)
     try:
-        for layer in layers:
-            cfg = OmegaConf.merge(cfg, layer)
+        cfg = OmegaConf.merge(cfg, user)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         msg = str(e).splitlines()[0]
         raise ConfigError(f"invalid value for '{key}': {msg}") from None
     _validate(cfg)
     return cfg
+
+
+def _layers(preset_or_yaml: str | None, overrides: Sequence[str]) -> list[tuple[dict, str]]:
+    layers = []
+    if preset_or_yaml:
+        path = preset_path(preset_or_yaml)
+        layers.append((_read_yaml(path), str(path)))
+    layers.append((_parse_overrides(overrides), "the command-line overrides"))
+    return layers
 
 
 def _validate(cfg: DictConfig) -> None:
@@ -141,4 +205,10 @@ def _validate(cfg: DictConfig) -> None:
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    """The resolved config as YAML, with only the section of ``method.name`` under ``method`` (so
+    that the file loads back: another method's section would be an error)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    method = data.get("method")
+    if isinstance(method, dict):
+        data["method"] = {k: v for k, v in method.items() if k not in METHOD_SECTIONS or k == method.get("name")}
+    return OmegaConf.to_yaml(OmegaConf.create(data))

@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from bcssl.config import load_config
+from bcssl.config import load_config, to_yaml
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -88,4 +88,4 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def save_config(cfg: DictConfig, run_dir: Path) -> None:
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))  # only the active method's section: it loads back

@@ -149,8 +149,9 @@ class TimmBackbone(Backbone):
 
     - ``forward(x) -> (B, num_features)``: timm ``forward_features`` + ``forward_head(pre_logits=True)``
       (ResNet/ConvNeXt/Swin: global average pool (+ LayerNorm for ConvNeXt); ViT: cls token).
-    - ``forward_intermediates(x)``: the pooled features and the stage maps (timm's
-      ``forward_intermediates`` at the family's stage indices; ViT: its one map of patch tokens).
+    - ``forward_intermediates(x)``: timm's final features and the stage maps (timm's
+      ``forward_intermediates`` at the family's stage indices; ViT: its one map of patch tokens);
+      ``forward_head(final)``: timm's ``forward_head(pre_logits=True)``.
     - ``forward_features(x) -> (B, C, H', W')``: CNN maps as they are, ViT patch tokens (cls
       dropped) reshaped to the patch grid, Swin NHWC permuted to NCHW.
     - ``min_input_size``: smallest input side.
@@ -209,12 +210,13 @@ class TimmBackbone(Backbone):
         return self.model.forward_head(self._timm_features(x), pre_logits=True)
 
     def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``(pooled features, stage maps)`` in one pass (timm's ``forward_intermediates``)."""
+        """``(final features, stage maps)`` in one pass (timm's ``forward_intermediates``)."""
         self.check_input_size(x.shape[-2], x.shape[-1])
         # norm=True: Swin's last map gets its final norm, as forward_features (a no-op for ResNet/ConvNeXt)
-        final, maps = self.model.forward_intermediates(x, indices=list(self.stage_indices), norm=True,
-                                                       output_fmt="NCHW")
-        return self.model.forward_head(final, pre_logits=True), maps
+        return self.model.forward_intermediates(x, indices=list(self.stage_indices), norm=True, output_fmt="NCHW")
+
+    def forward_head(self, final: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(final, pre_logits=True)
 
     # -- helpers ----------------------------------------------------------------------------------
     def _timm_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -303,7 +305,7 @@ class ViTBackbone(TimmBackbone):
 
     def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         tokens = self._timm_features(x)
-        return self.model.forward_head(tokens, pre_logits=True), [self._vit_tokens_to_map(tokens)]
+        return tokens, [self._vit_tokens_to_map(tokens)]
 
     def _timm_features(self, x: torch.Tensor) -> torch.Tensor:
         p = self.multiple_of

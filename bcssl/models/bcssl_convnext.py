@@ -210,7 +210,7 @@ class BCSSLConvNeXt(Backbone):
 
     ``forward(x) -> (B, num_features)`` (pooled, ``head.norm``);
     ``forward_features(x) -> (B, dims[-1], H / (8 * stem_stride), W / (8 * stem_stride))``;
-    ``forward_intermediates(x)`` -> the pooled features and the 4 stage maps, of strides
+    ``forward_intermediates(x)`` -> the last map and the 4 stage maps, of strides
     ``stem_stride * (1, 2, 4, 8)``.
     """
 
@@ -303,13 +303,13 @@ class BCSSLConvNeXt(Backbone):
         return self.stages(self.stem(x))
 
     def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """``(pooled features, [the 4 stage maps])`` in one pass."""
+        """``(last stage map, [the 4 stage maps])`` in one pass."""
         self._check_size(x)
         maps, h = [], self.stem(x)
         for stage in self.stages:
             h = stage(h)
             maps.append(h)
-        return self.head(h), maps
+        return h, maps
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Pool a feature map and apply ``head.norm`` -> ``(B, num_features)``."""

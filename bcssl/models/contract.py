@@ -12,15 +12,16 @@ Required (abstract here):
 - ``feature_info`` (list of :class:`StageInfo`): one entry per stage map that
   :meth:`Backbone.forward_intermediates` returns, with its channels and its reduction (stride with
   respect to the input), as timm's ``feature_info``.
-- ``forward(x) -> (B, num_features)``: pooled features (what k-NN, the linear probe and every
-  method's projector read).
-- ``forward_intermediates(x) -> (pooled (B, num_features), [stage maps (B, C_i, H_i, W_i)])``:
-  the pooled features and every stage's map in one pass (timm's ``forward_intermediates``
-  returns the last map instead of the pooled features; here the pooled features come for free).
+- ``forward_intermediates(x) -> (final, [stage maps (B, C_i, H_i, W_i)])``: every stage's map
+  in one pass, and the final features ``forward_head`` pools (timm's ``forward_intermediates``:
+  the last map of a CNN, the tokens of a ViT).
+- ``forward_head(final) -> (B, num_features)``: pooled features from ``final``.
 - ``cam_target_layer`` (nn.Module): the layer Grad-CAM / Eigen-CAM hook.
 
 With defaults:
 
+- ``forward(x) -> (B, num_features)``: pooled features (what k-NN, the linear probe and every
+  method's projector read); default ``forward_head(forward_intermediates(x)[0])``.
 - ``forward_features(x)``: the last stage map, ``(B, C, H', W')``.
 - ``linear_features(x)``: what the linear probe reads; default the pooled features.
 - ``cam_reshape``: ``None`` when the CAM layer's output is already ``(B, C, h, w)``, else a
@@ -84,17 +85,21 @@ class Backbone(nn.Module):
     def feature_info(self) -> list[StageInfo]:
         raise NotImplementedError(f"{type(self).__name__} must define feature_info")
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} must define forward (pooled features)")
-
     def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         raise NotImplementedError(f"{type(self).__name__} must define forward_intermediates")
+
+    def forward_head(self, final: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError(f"{type(self).__name__} must define forward_head")
 
     @property
     def cam_target_layer(self) -> nn.Module:
         raise NotImplementedError(f"{type(self).__name__} must define cam_target_layer")
 
     # -- defaults ---------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features ``(B, num_features)``."""
+        return self.forward_head(self.forward_intermediates(x)[0])
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Last stage map ``(B, C, H', W')`` before pooling."""
         return self.forward_intermediates(x)[1][-1]
