@@ -121,15 +121,19 @@ def _merge_layers(base: dict, child: dict) -> dict:
 
 
 def _check_method_sections(layer: dict, name: str, source: str) -> None:
-    """Only the section of ``method.name`` may be set: a key of another method is an error."""
+    """A key of another method than ``method.name`` set to anything but its default is an error
+    (default values pass, so a fully resolved config dump loads back)."""
     method = layer.get("method")
     if not isinstance(method, dict):
         return
-    for section in METHOD_SECTIONS:
-        if section != name and method.get(section):
-            key = next(iter(_flat_keys(method[section], f"method.{section}.")))
-            raise ConfigError(f"'{key}' in {source} is a setting of method {section}, but method.name is {name}; "
-                              f"set method.name={section} or use method.{name}.* keys")
+    for section, schema in METHOD_SECTIONS.items():
+        if section == name or not isinstance(method.get(section), dict):
+            continue
+        defaults = OmegaConf.to_container(OmegaConf.structured(schema))
+        for key, value in method[section].items():
+            if key not in defaults or value != defaults[key]:
+                raise ConfigError(f"'method.{section}.{key}' in {source} is a setting of method {section}, but "
+                                  f"method.name is {name}; set method.name={section} or use method.{name}.* keys")
 
 
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:

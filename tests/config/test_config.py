@@ -111,6 +111,8 @@ def test_switching_the_method_drops_the_base_methods_section(tmp_path):
 
 
 def test_saved_config_has_the_active_section_only_and_loads_back(tmp_path):
+    from omegaconf import OmegaConf
+
     from bcssl.config import to_yaml
 
     cfg = load_config("fmnist_moco_v3")
@@ -119,3 +121,5 @@ def test_saved_config_has_the_active_section_only_and_loads_back(tmp_path):
     p = tmp_path / "config.yaml"
     p.write_text(text)
     assert load_config(str(p)) == cfg
+    OmegaConf.save(cfg, tmp_path / "full.yaml")  # a full dump: the other sections at their defaults pass
+    assert load_config(str(tmp_path / "full.yaml")) == cfg
