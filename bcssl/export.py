@@ -431,8 +431,9 @@ def export_backbone(backbone: nn.Module, out: str | os.PathLike, fmt: str = "saf
 
     ``model_name``/``model_kwargs``: the ``create_backbone`` call that rebuilds the architecture
     (needed for the safetensors format of a backbone whose ``architecture()`` is ``None``; a
-    ``BCSSLConvNeXt`` describes itself). ``input_size``: side of the square example input used for tracing and the check
-    (the export itself takes any size the model takes: batch, height and width stay dynamic).
+    ``BCSSLConvNeXt`` describes itself). ``input_size``: side of the square example input used for
+    tracing and the check (the export itself takes any size the model takes: batch, height and
+    width stay dynamic).
     ``metadata``: extra entries for the file (values JSON-encoded unless str).
 
     The check runs a random batch through the written file and the unfolded ``backbone`` in eval

@@ -318,6 +318,7 @@ def detection_of_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), 
     from bcssl.engine.amp import autocast as amp_autocast
     from bcssl.engine.run_dir import write_json
     from bcssl.engine.runtime import TrainingError, load_run, param_groups, resolve_device, step_seed
+
     t_start = time.perf_counter()
     run = Path(run_dir)
     loaded = load_run(run, overrides)
