@@ -11,7 +11,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from bcssl.config.schema import AMP_MODES, METHOD_SECTIONS, Config, MethodConfig
 
-MethodConfigDefault = MethodConfig()
+_DEFAULT_METHOD = MethodConfig().name
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -114,8 +114,8 @@ def _method_name(layer: dict, default: str) -> str:
 def _merge_layers(base: dict, child: dict) -> dict:
     """``child`` over ``base`` (plain dicts). A child that switches ``method.name`` does not inherit
     the base's section of the previous method (fmnist_byol on top of demo_fmnist's DINO settings)."""
-    name = _method_name(child, _method_name(base, MethodConfigDefault.name))
-    if isinstance(base.get("method"), dict) and name != _method_name(base, MethodConfigDefault.name):
+    name = _method_name(child, _method_name(base, _DEFAULT_METHOD))
+    if isinstance(base.get("method"), dict) and name != _method_name(base, _DEFAULT_METHOD):
         base = {**base, "method": {k: v for k, v in base["method"].items() if k not in METHOD_SECTIONS or k == name}}
     return OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(child)))
 
@@ -163,7 +163,7 @@ def load_config(preset_or_yaml: str | None = None, overrides: Sequence[str] = ()
     cfg = OmegaConf.structured(Config)
     user: dict = {}
     for layer, source in _layers(preset_or_yaml, overrides):
-        name = _method_name(layer, _method_name(user, MethodConfigDefault.name))
+        name = _method_name(layer, _method_name(user, _DEFAULT_METHOD))
         _check_keys(_flat_keys(layer), source, name)
         _check_method_sections(layer, name, source)
         user = _merge_layers(user, layer)
@@ -209,8 +209,8 @@ def _validate(cfg: DictConfig) -> None:
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    """The resolved config as YAML, with only the section of ``method.name`` under ``method`` (so
-    that the file loads back: another method's section would be an error)."""
+    """The resolved config as YAML, with only the section of ``method.name`` under ``method`` (the
+    other methods' sections are their defaults and do nothing in this run)."""
     data = OmegaConf.to_container(cfg, resolve=True)
     method = data.get("method")
     if isinstance(method, dict):
