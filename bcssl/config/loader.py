@@ -10,7 +10,9 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from bcssl.config.schema import AMP_MODES, Config
+from bcssl.config.schema import AMP_MODES, METHOD_SECTIONS, Config, MethodConfig
+
+_DEFAULT_METHOD = MethodConfig().name
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -61,6 +63,34 @@ def _flat_keys(d: dict, prefix: str = "") -> Iterable[str]:
 
 
 _VALID_KEYS: list[str] | None = None
+
+_DINO_KEYS = ("out_dim", "hidden_dim", "bottleneck_dim", "head_layers", "norm_last_layer", "use_bn_in_head",
+              "student_temp", "warmup_teacher_temp", "teacher_temp", "warmup_teacher_temp_epochs",
+              "center_momentum", "freeze_last_layer")
+#: keys of the flat ``method`` section (and one model key) before each method had its own section:
+#: old key -> new key, or {method.name: new key} for keys several methods shared
+RENAMED_KEYS: dict[str, str | dict[str, str]] = {
+    **{f"method.{k}": f"method.dino.{k}" for k in _DINO_KEYS},
+    "method.momentum_teacher": {"dino": "method.dino.momentum_teacher", "byol": "method.byol.momentum",
+                                "moco_v3": "method.moco_v3.momentum", "care": "method.care.momentum"},
+    **{f"method.{k}": {m: f"method.{m}.{k}" for m in ("byol", "moco_v3", "care")}
+       for k in ("proj_hidden_dim", "proj_dim")},
+    "method.care_blocks": "method.care.blocks",
+    "method.care_heads": "method.care.heads",
+    "method.care_pos_size": "method.care.fmap_size",
+    "method.care_lambda": "method.care.lambda_fea",
+    "method.moco_proj_layers": "method.moco_v3.proj_layers",
+    "method.moco_temperature": "method.moco_v3.temperature",
+    "model.random_patch_projection": "method.moco_v3.stop_grad_conv1",
+}
+
+
+def _renamed(key: str, method: str) -> str | None:
+    """The new name of an old key (for ``method``, where several methods shared it)."""
+    new = RENAMED_KEYS.get(key)
+    if isinstance(new, dict):
+        return new.get(method) or " / ".join(new.values())
+    return new
 
 
 def valid_keys() -> list[str]:
@@ -113,25 +143,64 @@ def _set_dotted(d: dict, dotted: str, value) -> None:
     d[last] = value
 
 
-def _migrate(layer: dict, source: str, command_line: bool = False) -> dict:
-    """Read the keys of older bcssl versions in ``layer`` (:data:`MOVED_KEYS`, :data:`RETIRED_KEYS`)."""
+def _migrate(layer: dict, source: str, method: str, command_line: bool = False) -> dict:
+    """Read the keys of older bcssl versions in ``layer`` (:data:`RETIRED_KEYS`, :data:`MOVED_KEYS`,
+    :data:`RENAMED_KEYS`; ``method``: the run's method.name, for keys several methods shared). In a
+    file each is read as its new key with one log line; on the command line each is an error."""
     for key, why in RETIRED_KEYS.items():
         found, _ = _pop_dotted(layer, key)
         if found and command_line:
             raise ConfigError(f"{key} was retired: {why}")
         if found:
             log.info("%s: ignoring %s (retired: %s)", source, key, why)
-    for old, (new, convert) in MOVED_KEYS.items():
+    moved = dict(MOVED_KEYS)
+    for key in [k for k in _flat_keys(layer) if k in RENAMED_KEYS]:
+        new = _renamed(key, method)
+        # another method's setting in an old flat dump does nothing in this run: dropped
+        mine = new in valid_keys() and (new.split(".")[1] == method or new.split(".")[1] not in METHOD_SECTIONS)
+        moved[key] = (new, lambda v, new=new, mine=mine: {new: v} if mine else {})
+    for old, (new, convert) in moved.items():
         found, value = _pop_dotted(layer, old)
         if not found:
             continue
         if command_line:
-            raise ConfigError(f"'{old}' is now '{new}'; write {new}=... instead")
+            raise ConfigError(f"'{old}' is now '{new}'; write {new}=... instead (each method has its own "
+                              f"section: {', '.join(f'method.{m}.*' for m in METHOD_SECTIONS)})")
         log.warning("%s: '%s' is now '%s' (read as %s)", source, old, new, convert(value) or "unset")
         for key, v in convert(value).items():
             _set_dotted(layer, key, v)
     return layer
-    return layer
+
+
+def _method_name(layer: dict, default: str) -> str:
+    method = layer.get("method")
+    name = method.get("name") if isinstance(method, dict) else None
+    return str(name) if name is not None else default
+
+
+def _merge_layers(base: dict, child: dict) -> dict:
+    """``child`` over ``base`` (plain dicts). A child that switches ``method.name`` does not inherit
+    the base's section of the previous method (fmnist_byol on top of demo_fmnist's DINO settings)."""
+    name = _method_name(child, _method_name(base, _DEFAULT_METHOD))
+    if isinstance(base.get("method"), dict) and name != _method_name(base, _DEFAULT_METHOD):
+        base = {**base, "method": {k: v for k, v in base["method"].items() if k not in METHOD_SECTIONS or k == name}}
+    return OmegaConf.to_container(OmegaConf.merge(OmegaConf.create(base), OmegaConf.create(child)))
+
+
+def _check_method_sections(layer: dict, name: str, source: str) -> None:
+    """A key of another method than ``method.name`` set to anything but its default is an error
+    (default values pass, so a fully resolved config dump loads back)."""
+    method = layer.get("method")
+    if not isinstance(method, dict):
+        return
+    for section, schema in METHOD_SECTIONS.items():
+        if section == name or not isinstance(method.get(section), dict):
+            continue
+        defaults = OmegaConf.to_container(OmegaConf.structured(schema))
+        for key, value in method[section].items():
+            if key not in defaults or value != defaults[key]:
+                raise ConfigError(f"'method.{section}.{key}' in {source} is a setting of method {section}, but "
+                                  f"method.name is {name}; set method.name={section} or use method.{name}.* keys")
 
 
 def _read_yaml(path: Path, seen: tuple = ()) -> dict:
@@ -146,9 +215,7 @@ def _read_yaml(path: Path, seen: tuple = ()) -> dict:
     base = data.pop("_base_", None)
     if base is None:
         return data
-    merged = OmegaConf.merge(OmegaConf.create(_read_yaml(preset_path(base), seen + (path,))),
-                             OmegaConf.create(data))
-    return OmegaConf.to_container(merged)
+    return _merge_layers(_read_yaml(preset_path(base), seen + (path,)), data)
 
 
 def _parse_overrides(overrides: Sequence[str]) -> dict:
@@ -158,27 +225,36 @@ def _parse_overrides(overrides: Sequence[str]) -> dict:
     return OmegaConf.to_container(OmegaConf.from_dotlist(list(overrides)))
 
 
+_OVERRIDES = "the command-line overrides"
+
+
 def load_config(preset_or_yaml: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
     """Resolve a full run configuration. Raises :class:`ConfigError` with a clear message."""
     cfg = OmegaConf.structured(Config)
-    layers = []
-    if preset_or_yaml:
-        path = preset_path(preset_or_yaml)
-        layer = _migrate(_read_yaml(path), str(path))
-        _check_keys(_flat_keys(layer), str(path))
-        layers.append(layer)
-    ov = _migrate(_parse_overrides(overrides), "the command-line overrides", command_line=True)
-    _check_keys(_flat_keys(ov), "the command-line overrides")
-    layers.append(ov)
+    user: dict = {}
+    for layer, source in _layers(preset_or_yaml, overrides):
+        name = _method_name(layer, _method_name(user, _DEFAULT_METHOD))
+        layer = _migrate(layer, source, name, command_line=source == _OVERRIDES)
+        _check_keys(_flat_keys(layer), source)
+        _check_method_sections(layer, name, source)
+        user = _merge_layers(user, layer)
     try:
-        for layer in layers:
-            cfg = OmegaConf.merge(cfg, layer)
+        cfg = OmegaConf.merge(cfg, user)
     except OmegaConfBaseException as e:
         key = getattr(e, "full_key", None) or "?"
         msg = str(e).splitlines()[0]
         raise ConfigError(f"invalid value for '{key}': {msg}") from None
     _validate(cfg)
     return cfg
+
+
+def _layers(preset_or_yaml: str | None, overrides: Sequence[str]) -> list[tuple[dict, str]]:
+    layers = []
+    if preset_or_yaml:
+        path = preset_path(preset_or_yaml)
+        layers.append((_read_yaml(path), str(path)))
+    layers.append((_parse_overrides(overrides), _OVERRIDES))
+    return layers
 
 
 def _validate(cfg: DictConfig) -> None:
@@ -221,4 +297,10 @@ def _validate(cfg: DictConfig) -> None:
 
 
 def to_yaml(cfg: DictConfig) -> str:
-    return OmegaConf.to_yaml(cfg, resolve=True)
+    """The resolved config as YAML, with only the section of ``method.name`` under ``method`` (the
+    other methods' sections are their defaults and do nothing in this run)."""
+    data = OmegaConf.to_container(cfg, resolve=True)
+    method = data.get("method")
+    if isinstance(method, dict):
+        data["method"] = {k: v for k, v in method.items() if k not in METHOD_SECTIONS or k == method.get("name")}
+    return OmegaConf.to_yaml(OmegaConf.create(data))

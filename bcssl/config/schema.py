@@ -46,13 +46,14 @@ class ModelConfig:
     drop_path_rate: float = 0.1  # student only; DINO builds the teacher without drop path
     depths: Optional[List[int]] = None  # override the variant's (tiny custom models)
     dims: Optional[List[int]] = None
-    # MoCo v3's random patch projection (vit_s16 only): patch embedding frozen at its random init.
-    random_patch_projection: bool = False
+    # ResNet-50 only: zero-init the last BN of every block (BYOL's and MoCo v3's init); None/false:
+    # torchvision's init (DINO, CARE)
+    zero_init_last: Optional[bool] = None
 
 
 @dataclass
-class MethodConfig:
-    name: str = "dino"
+class DINOConfig:
+    """``method.dino.*`` (methods/dino.py; facebookresearch/dino main_dino.py argument names)."""
     out_dim: int = 65536
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
@@ -64,19 +65,59 @@ class MethodConfig:
     teacher_temp: float = 0.07
     warmup_teacher_temp_epochs: int = 30
     center_momentum: float = 0.9
-    momentum_teacher: float = 0.996  # cosine -> 1
+    momentum_teacher: float = 0.996  # EMA base, cosine -> 1
     freeze_last_layer: int = 1  # epochs during which the head's last layer gets no update
-    # BYOL / MoCo v3 (methods/byol.py, methods/moco_v3.py); momentum_teacher is their EMA base
-    # (0.99 in MoCo v3 and the paper's BYOL/CARE recipes: presets set it).
+
+
+@dataclass
+class BYOLConfig:
+    """``method.byol.*`` (methods/byol.py; deepmind-research/byol)."""
+    momentum: float = 0.996  # base_target_ema, cosine -> 1 (BYOL: 0.996 for 1000 epochs, 0.99 for 300)
     proj_hidden_dim: int = 4096  # hidden width of the projector and predictor MLPs
     proj_dim: int = 256  # projector / predictor output
-    # CARE (methods/care.py): T-stream of BoTNet blocks on the CNN's stage-3 map
-    care_blocks: int = 5
-    care_heads: int = 4
-    care_pos_size: int = 14  # learned 2-D position embedding size (resized to the map)
-    care_lambda: float = 100.0  # weight of the T -> C supervision
-    moco_proj_layers: Optional[int] = None  # MoCo v3 projector depth; None: 3 for ViT, 2 for CNNs
-    moco_temperature: float = 1.0  # MoCo v3 InfoNCE temperature: 1.0 for CNNs, 0.2 for ViT
+
+
+@dataclass
+class MoCoV3Config:
+    """``method.moco_v3.*`` (methods/moco_v3.py; facebookresearch/moco-v3 main_moco.py)."""
+    momentum: float = 0.99  # --moco-m, cosine -> 1 (--moco-m-cos)
+    temperature: float = 1.0  # --moco-t: 1.0 for ResNet, 0.2 for ViT
+    proj_hidden_dim: int = 4096  # --moco-mlp-dim
+    proj_dim: int = 256  # --moco-dim
+    proj_layers: Optional[int] = None  # projector depth; None: 3 for a transformer (MoCo_ViT), 2 otherwise
+    stop_grad_conv1: bool = False  # --stop-grad-conv1: the patch projection frozen at its random init (ViT)
+
+
+@dataclass
+class CAREConfig:
+    """``method.care.*`` (methods/care.py; ChongjianGE/CARE models/care_module.py, resnet_care.py,
+    trans.py)."""
+    momentum: float = 0.99  # param_momentum, cosine -> 1
+    proj_hidden_dim: int = 4096  # hidden_dim of the projector / predictor MLPs
+    proj_dim: int = 256  # low_dim
+    lambda_fea: float = 100.0  # weight of the T -> C supervision
+    # T-stream = TransStack(dim=stage-3 width, fmap_size, dim_out=last-stage width, proj_factor,
+    # downsample, heads, num_layers=blocks, dim_head, rel_pos_emb=False)
+    blocks: int = 5
+    heads: int = 4
+    dim_head: int = 128
+    proj_factor: int = 4
+    fmap_size: int = 14  # side of the stage-3 map (224 px / 16); its absolute position embedding's size
+    downsample: bool = True  # the first block halves the map (stride-2 shortcut, 2x2 pool after attention)
+
+
+#: method name -> its section's dataclass (``method.<name>.*``)
+METHOD_SECTIONS = {"dino": DINOConfig, "byol": BYOLConfig, "moco_v3": MoCoV3Config, "care": CAREConfig}
+
+
+@dataclass
+class MethodConfig:
+    """``method.name`` picks the method; only its own section (``method.<name>.*``) may be set."""
+    name: str = "dino"
+    dino: DINOConfig = field(default_factory=DINOConfig)
+    byol: BYOLConfig = field(default_factory=BYOLConfig)
+    moco_v3: MoCoV3Config = field(default_factory=MoCoV3Config)
+    care: CAREConfig = field(default_factory=CAREConfig)
 
 
 @dataclass

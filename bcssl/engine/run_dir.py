@@ -7,9 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from bcssl.config import load_config
+from bcssl.config import load_config, to_yaml
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -91,7 +91,7 @@ def save_config(cfg: DictConfig, run_dir: Path) -> None:
     """``<run_dir>/config.yaml``: the resolved config, written atomically."""
     path = Path(run_dir) / "config.yaml"
     tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
-    tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    tmp.write_text(to_yaml(cfg))  # only the active method's section: it loads back
     os.replace(tmp, path)
 
 

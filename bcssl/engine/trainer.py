@@ -24,7 +24,7 @@ from bcssl.engine import distributed as ddp
 from bcssl.engine.amp import autocast as amp_autocast
 from bcssl.engine.optim import build_optimizer
 from bcssl.engine.run_dir import MetricsLog, check_resume_config, run_dir_of, save_config
-from bcssl.engine.runtime import TrainingError, build_method, param_groups, step_seed
+from bcssl.engine.runtime import TrainingError, build_method, step_seed
 from bcssl.engine.schedules import cosine_schedule
 from bcssl.methods import SSLMethod
 
@@ -178,7 +178,7 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
     if cfg.train.compile:
         compile_student(method, cfg.train.compile_backend)
     try:
-        optimizer = build_optimizer(cfg.train.optimizer, param_groups(method.student), lr=base_lr,
+        optimizer = build_optimizer(cfg.train.optimizer, method.param_groups(), lr=base_lr,
                                     weight_decay=cfg.train.weight_decay, momentum=cfg.train.momentum,
                                     fused=device.type == "cuda")
     except ValueError as e:

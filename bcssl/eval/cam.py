@@ -199,7 +199,7 @@ def cam_maps(backbone: nn.Module, images_uint8: torch.Tensor, *, method: str, si
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     target_layer = backbone.cam_target_layer
-    reshape = getattr(backbone, "cam_reshape", None)
+    reshape = backbone.cam_reshape
     model = backbone if classifier is None else nn.Sequential(backbone, classifier)
     device = next(backbone.parameters()).device
     if classifier is not None:
@@ -361,7 +361,7 @@ def cam_grid(rows: Sequence[tuple[str, torch.Tensor, torch.Tensor]], col_labels:
 
 
 def _kernel_label(backbone: nn.Module) -> Optional[str]:
-    ks = getattr(backbone, "kernel_sizes", None)
+    ks = backbone.kernel_sizes
     if ks is None:
         return None
     ks = [int(k) for k in ks]

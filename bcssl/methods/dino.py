@@ -65,8 +65,9 @@ class DINO(SSLMethod):
 
     def __init__(self, model_cfg, method_cfg):
         super().__init__()
-        m = method_cfg
+        m = method_cfg.dino  # method.dino.*
         self.cfg = m
+        self.base_momentum = float(m.momentum_teacher)
         student_backbone = backbone_from_config(model_cfg)
         # As DINO: the teacher is built without stochastic depth, then given the student's weights.
         teacher_backbone = backbone_from_config(model_cfg, drop_path_rate=0.0)
@@ -115,10 +116,10 @@ class DINO(SSLMethod):
         # or one prototype for every image (sharpening wins).
         if logs.get("teacher_entropy", 0.0) > UNIFORM_ENTROPY:
             return (f"collapse: the teacher output is nearly uniform (entropy {logs['teacher_entropy']:.2f} of "
-                    "log K); lower method.teacher_temp, raise method.center_momentum or use a BN head")
+                    "log K); lower method.dino.teacher_temp, raise method.dino.center_momentum or use a BN head")
         if logs.get("teacher_batch_entropy", 1.0) < ONE_HOT_BATCH_ENTROPY:
             return (f"collapse: every image gets the same prototype (batch entropy "
-                    f"{logs['teacher_batch_entropy']:.2f} of log K); raise method.teacher_temp")
+                    f"{logs['teacher_batch_entropy']:.2f} of log K); raise method.dino.teacher_temp")
         return None
 
 

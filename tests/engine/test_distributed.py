@@ -32,9 +32,9 @@ def torchrun(nproc: int, args: list[str], timeout: int = 240) -> subprocess.Comp
 
 @pytest.mark.parametrize("method", [
     # DINO with BN after every depthwise conv (SyncBN), the all-reduced centre, multi-crop slices
-    ["method.name=dino", "model.dw_norm=bn+ln", "method.use_bn_in_head=true"],
+    ["method.name=dino", "model.dw_norm=bn+ln", "method.dino.use_bn_in_head=true"],
     # MoCo v3: keys all-gathered across processes, BN in projector/predictor (SyncBN)
-    ["method.name=moco_v3", "crops.n_local=0", "method.proj_hidden_dim=32", "method.proj_dim=16",
+    ["method.name=moco_v3", "crops.n_local=0", "method.moco_v3.proj_hidden_dim=32", "method.moco_v3.proj_dim=16",
      "model.dw_norm=bn+ln"],
 ], ids=["dino", "moco_v3"])
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_fmnist, method):

@@ -112,7 +112,7 @@ def test_teacher_no_grad_ema_of_parameters_only_and_train_mode():
 
 
 def test_last_layer_frozen_during_first_epoch_only():
-    method = tiny_dino("method.freeze_last_layer=1")
+    method = tiny_dino("method.dino.freeze_last_layer=1")
     for step, frozen in ((0, True), (4, True), (5, False), (19, False)):
         method.zero_grad(set_to_none=True)
         method.loss(crops(), step)[0].backward()
@@ -123,8 +123,8 @@ def test_last_layer_frozen_during_first_epoch_only():
 
 
 def test_teacher_temperature_and_momentum_schedules():
-    method = tiny_dino("method.warmup_teacher_temp=0.04", "method.teacher_temp=0.07",
-                       "method.warmup_teacher_temp_epochs=3", "method.momentum_teacher=0.996")
+    method = tiny_dino("method.dino.warmup_teacher_temp=0.04", "method.dino.teacher_temp=0.07",
+                       "method.dino.warmup_teacher_temp_epochs=3", "method.dino.momentum_teacher=0.996")
     # steps_per_epoch=5, epochs=4: epochs 0,1,2 warm up linearly (np.linspace(0.04, 0.07, 3))
     assert method.teacher_temp(0) == pytest.approx(0.04)
     assert method.teacher_temp(5) == pytest.approx(0.055)
