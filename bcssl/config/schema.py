@@ -98,6 +98,9 @@ class CropsConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 100
+    # the run's length in optimisation steps instead (None: epochs x steps per epoch); every
+    # schedule spans it and the last epoch ends early (bcssl demo sets it from its time budget)
+    steps: Optional[int] = None
     batch_size: int = 64  # per process; the global batch is batch_size x world size
     lr: float = 5e-4  # at a global batch of 256: lr = lr * global_batch / 256 (DINO)
     min_lr: float = 1e-6
@@ -179,6 +182,15 @@ class DetectionConfig:
 
 
 @dataclass
+class DemoConfig:
+    """``bcssl demo``: a wall-clock budget for the whole command (baselines, training, evaluation,
+    report). The demo times its first training steps and sets ``train.steps`` to fill the budget."""
+    budget_min: Optional[float] = None  # None: train for train.epochs, whatever the time
+    probe_steps: int = 6  # training steps timed to measure the speed (the first one is not counted)
+    margin: float = 0.05  # fraction of the budget kept free for the speed varying during the run
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = True
 
@@ -197,4 +209,5 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     linear: LinearConfig = field(default_factory=LinearConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
     log: LogConfig = field(default_factory=LogConfig)

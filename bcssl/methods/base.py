@@ -91,17 +91,20 @@ class SSLMethod(nn.Module):
     # The run length, set by setup(); until then a one-step run (a method used outside the trainer)
     steps_per_epoch: int = 1
     epochs: int = 1
+    total_steps: int = 1
 
-    def setup(self, steps_per_epoch: int, epochs: int) -> None:
-        """Called once by the trainer before training so schedules know the run length."""
+    def setup(self, steps_per_epoch: int, epochs: int, total_steps: int | None = None) -> None:
+        """Called once by the trainer before training so schedules know the run length
+        (``total_steps``: ``epochs x steps_per_epoch`` unless ``train.steps`` ends the last epoch early)."""
         self.steps_per_epoch = steps_per_epoch
         self.epochs = epochs
+        self.total_steps = total_steps if total_steps is not None else steps_per_epoch * epochs
 
     def momentum(self, step: int) -> float:
         """EMA momentum of the teacher/target network: cosine from ``method.momentum_teacher``
         to 1 over all steps (DINO's ``cosine_scheduler``, BYOL's ``target_ema``, MoCo v3's
         ``adjust_moco_momentum``: the same formula)."""
-        return cosine_schedule(step, self.steps_per_epoch * self.epochs, self.cfg.momentum_teacher, 1.0)
+        return cosine_schedule(step, self.total_steps, self.cfg.momentum_teacher, 1.0)
 
     def collapse_warning(self, logs: dict) -> str | None:
         """A one-line warning when the logged statistics (floats) say the run is collapsing,
