@@ -182,7 +182,7 @@ def main() -> None:
         return torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
 
     data = build_dataset(cfg.data.name, root=cfg.data.root, split=cfg.data.split, load_size=cfg.data.load_size,
-                         decode_on_device=cfg.data.get("decode_on_device", False))
+                         decode_on_device=cfg.data.get("decode_on_device", False), canvas=cfg.data.get("canvas"))
     loader = BatchLoader(data, B, seed=0, limit=B * n, workers=cfg.data.workers, decode_device=device,
                          pin_memory=device.type == "cuda")
     multicrop = multicrop_from_config(cfg.crops)

@@ -19,8 +19,17 @@ class RunConfig:
 
 
 @dataclass
+class CanvasConfig:
+    """``data.name=fashion_mnist_canvas`` (bcssl/data/canvas.py): each Fashion-MNIST item on its own canvas."""
+    size: int = 64  # canvas side (px)
+    scale: List[float] = field(default_factory=lambda: [1.0, 2.0])  # item side / 28 px: 28-56 px
+    clutter: int = 0  # fragments of other items scattered around the item
+    seed: int = 0  # which canvases (positions, scales, clutter); train and test always differ
+
+
+@dataclass
 class DataConfig:
-    name: str = "fashion_mnist"  # fashion_mnist | image_folder | cifar10 | cifar100 | stl10
+    name: str = "fashion_mnist"  # fashion_mnist | fashion_mnist_canvas | image_folder | cifar10 | cifar100 | stl10
     root: Optional[str] = None  # None: the dataset's default location
     split: str = "train"
     eval_split: str = "test"  # the split k-NN queries come from ("val" for ImageNet folders)
@@ -31,6 +40,7 @@ class DataConfig:
     # image_folder: the loader decodes each batch of JPEG bytes on the training device
     # (torchvision.io.decode_jpeg; nvJPEG on CUDA) instead of PIL in the workers
     decode_on_device: bool = False
+    canvas: CanvasConfig = field(default_factory=CanvasConfig)
 
 
 @dataclass

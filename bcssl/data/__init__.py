@@ -17,6 +17,7 @@ from .datasets import (
     load_torchvision,
     train_and_eval_sets,
 )
+from .canvas import grid_canvas, load_fashion_mnist_canvas, scatter_canvas
 from .loader import BatchLoader, epoch_order, steps_per_epoch
 
 __all__ = [
@@ -30,6 +31,9 @@ __all__ = [
     "build_dataset",
     "dataset_from_config",
     "load_fashion_mnist",
+    "load_fashion_mnist_canvas",
+    "grid_canvas",
+    "scatter_canvas",
     "load_torchvision",
     "train_and_eval_sets",
     "BatchLoader",

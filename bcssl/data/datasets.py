@@ -551,7 +551,7 @@ def load_torchvision(
 
 # ----------------------------------------------------------------------------- factory
 
-DATASET_NAMES = ("fashion_mnist", "image_folder", "cifar10", "cifar100", "stl10")
+DATASET_NAMES = ("fashion_mnist", "fashion_mnist_canvas", "image_folder", "cifar10", "cifar100", "stl10")
 
 
 def build_dataset(
@@ -561,10 +561,13 @@ def build_dataset(
     download: bool = False,
     load_size: int = 256,
     decode_on_device: bool = False,
+    canvas=None,
 ) -> Dataset:
     """Dataset for config ``data.name`` / ``data.root`` / ``data.download``.
 
-    ``name``: fashion_mnist | image_folder | cifar10 | cifar100 | stl10 ('-' is read as '_').
+    ``name``: fashion_mnist | fashion_mnist_canvas | image_folder | cifar10 | cifar100 | stl10
+    ('-' is read as '_'). ``canvas`` (``data.canvas``: size, scale, clutter, seed) applies to
+    fashion_mnist_canvas (:mod:`bcssl.data.canvas`), whose ``root`` is Fashion-MNIST's.
     ``load_size`` and ``decode_on_device`` (``data.decode_on_device``: JPEG bytes, decoded per
     batch by the loader on its ``decode_device``) apply to image_folder only; image_folder
     needs ``root``.
@@ -576,6 +579,12 @@ def build_dataset(
     key = str(name).lower().replace("-", "_")
     if key == "fashion_mnist":
         return load_fashion_mnist(root, split=split, download=download)
+    if key == "fashion_mnist_canvas":
+        from .canvas import load_fashion_mnist_canvas
+
+        if download:  # fetch the source items first; the canvases are drawn from them
+            load_fashion_mnist(root, split=split, download=True)
+        return load_fashion_mnist_canvas(root, split, **dict(canvas or {}))
     if key == "image_folder":
         if root is None:
             raise ValueError("data.name=image_folder needs data.root (the folder of class folders)")
@@ -588,7 +597,7 @@ def build_dataset(
 def dataset_from_config(data_cfg, split: str) -> Dataset:
     """``split`` of a run's ``data.*`` dataset, decoded on the CPU (what the evaluations read)."""
     return build_dataset(data_cfg.name, root=data_cfg.root, split=split, download=data_cfg.download,
-                         load_size=data_cfg.load_size)
+                         load_size=data_cfg.load_size, canvas=data_cfg.get("canvas"))
 
 
 def train_and_eval_sets(data_cfg) -> dict[str, Dataset]:

@@ -135,7 +135,8 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
         run_dir.mkdir(parents=True, exist_ok=True)
 
     dataset = build_dataset(cfg.data.name, root=cfg.data.root, split=cfg.data.split, download=cfg.data.download,
-                            load_size=cfg.data.load_size, decode_on_device=cfg.data.decode_on_device)
+                            load_size=cfg.data.load_size, decode_on_device=cfg.data.decode_on_device,
+                            canvas=cfg.data.canvas)
     loader = BatchLoader(dataset, cfg.train.batch_size, seed=cfg.seed, shuffle=True, drop_last=True,
                          workers=cfg.data.workers, pin_memory=device.type == "cuda", limit=cfg.data.limit,
                          rank=dist.rank, world_size=dist.world_size, decode_device=device)

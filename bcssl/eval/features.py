@@ -16,6 +16,7 @@ from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -150,7 +151,8 @@ def run_features(loaded: LoadedRun, split: str, limit: int | None = None, *, dev
     if not cache:
         return extract_features(backbone, loader.epoch(0), **kw)
     dataset_key = json.dumps({"name": d.name, "root": str(d.root), "split": split, "load_size": d.load_size,
-                              "limit": limit, "len": len(ds), "classes": int(ds.num_classes)})
+                              "limit": limit, "len": len(ds), "classes": int(ds.num_classes),
+                              **({"canvas": OmegaConf.to_container(d.canvas)} if d.name == "fashion_mnist_canvas" else {})})
     transform_key = json.dumps({"eval_preprocess": c.global_size, "mean": list(c.mean), "std": list(c.std),
                                 "amp": cfg.train.amp, "encoder": loaded.encoder})
     return cached_features(Path(loaded.checkpoint_path).parent, loaded.checkpoint_path,
