@@ -141,6 +141,9 @@ def _validate(cfg: DictConfig) -> None:
          f"detection.amp must be none, bf16 or fp16, got '{cfg.detection.amp}'")
     need(cfg.detection.batch_size >= 1 and cfg.detection.epochs >= 1,
          "detection.batch_size and detection.epochs must be >= 1")
+    need(cfg.method.centering in ("centre", "sinkhorn_knopp"),
+         f"method.centering must be centre or sinkhorn_knopp, got '{cfg.method.centering}'")
+    need(cfg.method.koleo_weight >= 0, f"method.koleo_weight must be >= 0, got {cfg.method.koleo_weight}")
     need(cfg.eval.encoder in ("auto", "student", "teacher"),
          f"eval.encoder must be auto, student or teacher, got '{cfg.eval.encoder}'")
 

@@ -72,6 +72,11 @@ class MethodConfig:
     teacher_temp: float = 0.07
     warmup_teacher_temp_epochs: int = 30
     center_momentum: float = 0.9
+    # DINO's successors, optional (the paper's DINO: centre, 0): centring = centre (EMA of the teacher's
+    # batch mean) | sinkhorn_knopp (DINOv2: the teacher's batch balanced over the prototypes);
+    # koleo_weight > 0 adds DINOv2's KoLeo regulariser on the student's global-view features (DINOv2: 0.1)
+    centering: str = "centre"
+    koleo_weight: float = 0.0
     momentum_teacher: float = 0.996  # cosine -> 1
     freeze_last_layer: int = 1  # epochs during which the head's last layer gets no update
     # BYOL / MoCo v3 (methods/byol.py, methods/moco_v3.py); momentum_teacher is their EMA base

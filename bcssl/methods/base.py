@@ -47,7 +47,9 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, crops: list[torch.Tensor], return_features: bool = False):
+        """Head outputs of all crops, concatenated in crop order; with ``return_features`` also the
+        backbone features they were computed from."""
         feats, start = [], 0
         while start < len(crops):
             end = start
@@ -55,7 +57,9 @@ class MultiCropWrapper(nn.Module):
                 end += 1
             feats.append(self.backbone(torch.cat(crops[start:end])))
             start = end
-        return self.head(torch.cat(feats))
+        features = torch.cat(feats)
+        out = self.head(features)
+        return (out, features) if return_features else out
 
 
 @torch.no_grad()
