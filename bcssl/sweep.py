@@ -50,19 +50,36 @@ class Combination:
 
     @property
     def name(self) -> str:
-        # "kernel_size=9,dw_norm=bn+ln,seed=0": readable, unique, shell-safe without quotes
-        return ",".join([f"{k.split('.')[-1]}={v}" for k, v in self.assignments] + [f"seed={self.seed}"])
+        # "kernel_size=9,dw_norm=bn+ln,seed=0": readable, unique, shell-safe without quotes (a list
+        # value [0.6,1.0] is spelt 0.6-1.0)
+        def spelt(v: str) -> str:
+            return v.strip("[]").replace(",", "-").replace(" ", "") if v.startswith("[") else v
+        return ",".join([f"{k.split('.')[-1]}={spelt(v)}" for k, v in self.assignments] + [f"seed={self.seed}"])
 
     def overrides(self) -> list[str]:
         return [f"{k}={v}" for k, v in self.assignments] + [f"seed={self.seed}"]
 
 
+def split_values(text: str) -> list[str]:
+    """``"3,[3,5,7,9],9"`` -> ``["3", "[3,5,7,9]", "9"]``: commas inside brackets belong to a list value."""
+    values, depth, current = [], 0, ""
+    for ch in text:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            values.append(current)
+            current = ""
+        else:
+            current += ch
+    return [v.strip() for v in values + [current] if v.strip()]
+
+
 def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
-    """``["model.kernel_size=3,5", "model.dw_norm=ln,bn+ln"]`` -> ``{key: [values]}``."""
+    """``["model.kernel_size=3,5", "model.dw_norm=ln,bn+ln", "crops.global_scale=[0.4,1.0],[0.6,1.0]"]``
+    -> ``{key: [values]}``."""
     grid: dict[str, list[str]] = {}
     for item in items:
         key, sep, values = item.partition("=")
-        vals = [v.strip() for v in values.split(",") if v.strip()]
+        vals = split_values(values)
         if not sep or not key or not vals:
             raise ConfigError(f"--grid {item!r}: expected KEY=V1,V2,... (e.g. model.kernel_size=3,5,7,9,15)")
         if key in grid:

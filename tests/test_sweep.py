@@ -19,6 +19,12 @@ GRID = ["model.kernel_size=3,5", "model.dw_norm=ln,bn+ln"]
 
 def test_parse_grid_and_bad_grids():
     assert parse_grid(GRID) == {"model.kernel_size": ["3", "5"], "model.dw_norm": ["ln", "bn+ln"]}
+    # list values keep their commas; the run names spell them without brackets
+    grid = parse_grid(["model.kernel_size=9,[3,5,7,9]", "crops.global_scale=[0.6, 1.0]"])
+    assert grid == {"model.kernel_size": ["9", "[3,5,7,9]"], "crops.global_scale": ["[0.6, 1.0]"]}
+    from bcssl.sweep import Combination
+    combo = Combination(0, (("model.kernel_size", "[3,5,7,9]"), ("crops.global_scale", "[0.6, 1.0]")), 0)
+    assert combo.name == "kernel_size=3-5-7-9,global_scale=0.6-1.0,seed=0"
     for bad in (["model.kernel_size"], ["model.kernel_size="], ["a=1", "a=2"], ["model.kernel_size=3,3"]):
         with pytest.raises(ConfigError):
             parse_grid(bad)
