@@ -143,7 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="e.g. model.kernel_size=3,5,7,9,15 model.dw_norm=ln,bn+ln")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's seed)")
     p.add_argument("--out", default=None, help="sweep folder (default: <run.dir>/sweep_<run.name>)")
-    p.add_argument("--evals", default="knn,linear,robustness", help="evaluations per run (robustness needs linear)")
+    p.add_argument("--evals", default="knn,linear,robustness",
+                   help="evaluations per run, from knn, linear, robustness (needs linear) and random_init (k-NN of "
+                        "the same network before training, and the gain over it)")
     p.add_argument("--no-cam", action="store_true", help="skip the Grad-CAM grids in the summary")
     p.add_argument("--index", type=int, action="append", default=None,
                    help="run only combination I (repeatable; one job per combination, e.g. a Slurm array task)")

@@ -33,7 +33,7 @@ log = logging.getLogger("bcssl")
 
 RESULT = "sweep_result.json"
 SPEC = "sweep.json"
-EVALS = ("knn", "linear", "robustness")
+EVALS = ("knn", "linear", "robustness", "random_init")
 CORRUPTION_GROUPS = {  # ImageNet-C's four families
     "noise": ("gaussian_noise", "shot_noise", "impulse_noise"),
     "blur": ("defocus_blur", "glass_blur", "motion_blur", "zoom_blur"),
@@ -181,6 +181,10 @@ class Sweep:
         if "knn" in self.evals:
             r = knn_of_run(run, progress=progress)
             out.update(knn_top1=r["knn_top1"], knn_top5=r["knn_top5"])
+        if "random_init" in self.evals:
+            out["random_knn_top1"] = self.random_init_knn(combo, progress=progress)
+            if "knn_top1" in out:
+                out["knn_gain_over_random"] = out["knn_top1"] - out["random_knn_top1"]
         if "linear" in self.evals or "robustness" in self.evals:  # robustness classifies with the probe
             r = linear_probe(run, progress=progress)
             out.update(linear_top1=r["linear_top1"], linear_top5=r["linear_top5"])
@@ -198,6 +202,20 @@ class Sweep:
                                                   for g, cs in CORRUPTION_GROUPS.items() if any(c in by for c in cs)},
                        robustness_images=r["n_images"])
         return out
+
+    def random_init_knn(self, combo: Combination, progress: bool = True) -> float:
+        """k-NN top-1 (full sets) of the combination's network as the trainer initialises it (same
+        config, same seed) before any training: what each cell's pre-training is measured against."""
+        import torch
+
+        from bcssl.engine.runtime import build_method, resolve_device
+        from bcssl.eval.knn import KNNEvaluator
+
+        cfg = self.run_config(combo)
+        device = resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)  # as the trainer, right before build_method
+        backbone = build_method(cfg).eval_backbone(cfg.eval.encoder).to(device)
+        return KNNEvaluator(cfg, device, progress=progress)(backbone)["top1"]
 
     def run(self, indices: Sequence[int] | None = None, *, train_only: bool = False, summarize: bool = True,
             progress: bool = True) -> dict:

@@ -20,6 +20,8 @@ log = logging.getLogger("bcssl")
 
 METRICS = {  # key in sweep_result.json -> (table title, higher is better)
     "knn_top1": ("k-NN top-1 (%)", True),
+    "random_knn_top1": ("k-NN top-1 at random init (%)", True),
+    "knn_gain_over_random": ("k-NN gain over random init (points)", True),
     "linear_top1": ("linear probe top-1 (%)", True),
     "clean_error": ("clean error (%)", False),
     "corruption_error": ("mean corruption error (%)", False),
@@ -166,6 +168,8 @@ def write_sweep_report(sweep: "Sweep", results: dict[str, dict | None]) -> dict:
               f" Not finished yet: {', '.join(missing)}." if missing else ""), "",
           "Cells: mean ± sample std over seeds (a single seed shows the value alone).", ""]
     sections = [("knn_top1", "k-NN top-1 (%) — Table 2 style", 2),
+                ("random_knn_top1", "k-NN top-1 (%) of the same network at random initialisation", 2),
+                ("knn_gain_over_random", "k-NN gain of pre-training over random initialisation (points)", 2),
                 ("linear_top1", "Linear probe top-1 (%)", 2),
                 ("imgs_per_s", "Pre-training throughput (images/s, this machine)", 0)]
     for metric, title, nd in sections:
@@ -211,9 +215,10 @@ def write_sweep_report(sweep: "Sweep", results: dict[str, dict | None]) -> dict:
         for row, c in cams.items():
             md += [f"**{row}**", "", f"![Grad-CAM {row}]({os.path.relpath(c['png'], out_dir)})", ""]
 
-    md += ["## Runs", "", *_table(["run", "k-NN", "linear", "train s", "wall s"], [
-        [f"`{name}`", "not finished", "", "", ""] if r is None else
-        [f"`{name}`", _f(r.get("knn_top1")), _f(r.get("linear_top1")), _f(r.get("train_s"), 0), _f(r.get("wall_s"), 0)]
+    md += ["## Runs", "", *_table(["run", "k-NN", "random init k-NN", "linear", "train s", "wall s"], [
+        [f"`{name}`", "not finished", "", "", "", ""] if r is None else
+        [f"`{name}`", _f(r.get("knn_top1")), _f(r.get("random_knn_top1")), _f(r.get("linear_top1")),
+         _f(r.get("train_s"), 0), _f(r.get("wall_s"), 0)]
         for name, r in results.items()])]
     report = out_dir / "report.md"
     report.write_text("\n".join(md) + "\n")

@@ -131,3 +131,24 @@ def test_list_index_and_slurm_script(tmp_path, tiny_fmnist, capsys):
     script = (tmp_path / "s" / "sweep.sbatch").read_text()
     assert "#SBATCH --array=0-7" in script and "--nproc_per_node=4" in script
     assert '--index "$SLURM_ARRAY_TASK_ID" --train-only' in script
+
+
+def test_random_init_evaluation_gives_each_cell_its_gain(tmp_path, tiny_fmnist):
+    import torch
+
+    from bcssl.engine.runtime import build_method
+    from bcssl.eval.knn import KNNEvaluator
+
+    over = [f"data.root={tiny_fmnist}", *FAST]
+    sweep = Sweep("demo_fmnist", parse_grid(["model.kernel_size=3"]), overrides=over, out=tmp_path / "s",
+                  evals=["knn", "random_init"], cam=False)
+    summary = sweep.run(progress=False)
+    (combo,) = sweep.combinations
+    r = sweep.result(combo)
+    cfg = sweep.run_config(combo)
+    torch.manual_seed(0)  # the trainer's initialisation: seed 0, then build the method
+    untrained = build_method(cfg).eval_backbone("auto")
+    assert r["random_knn_top1"] == KNNEvaluator(cfg, "cpu", progress=False)(untrained)["top1"]
+    assert r["knn_gain_over_random"] == pytest.approx(r["knn_top1"] - r["random_knn_top1"])
+    report = open(summary["report"]).read()
+    assert "gain of pre-training over random initialisation" in report
