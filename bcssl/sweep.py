@@ -167,6 +167,8 @@ class Sweep:
         result = {"name": combo.name, "index": combo.index, "assignments": dict(combo.assignments),
                   "seed": combo.seed, "run_dir": str(self.run_dir(combo)), "train_s": trained.train_s,
                   "imgs_per_s": trained.imgs_per_s, "epochs": trained.epochs, "images_seen": trained.images_seen}
+        if trained.knn_top1 is not None:  # the k-NN monitor's last value (eval.knn_* limits), a cheap signal
+            result["monitor_knn_top1"] = trained.knn_top1
         result.update(self.evaluate(combo, progress=progress))
         result["wall_s"] = time.perf_counter() - t0
         write_json(self.run_dir(combo) / RESULT, result)
