@@ -48,3 +48,16 @@ def test_comparison_presets_build_their_method(preset):
         method = create_method(cfg.method.name, cfg.model, cfg.method)
     assert sum(p.numel() for p in method.student.parameters()) > 0
     assert cfg.method.name in preset or preset.startswith("imagenet_dino")
+
+
+def test_canvas_sweep_preset_trains_on_canvases(tmp_path, tiny_fmnist):
+    cfg = load_config("sweep_canvas", [f"data.root={tiny_fmnist}", f"run.dir={tmp_path}", "train.batch_size=8",
+                                       "train.steps=2", "train.progress=false", "log.tensorboard=false", "threads=1"])
+    assert cfg.data.name == "fashion_mnist_canvas" and cfg.demo.budget_min is None
+    res = train(cfg)
+    assert res.images_seen == 16
+    from bcssl.engine.runtime import load_run_backbone
+
+    _, backbone, _ = load_run_backbone(res.run_dir)
+    # a 64 px view gives the stage maps 224 px ImageNet images give BC-SSL-T, divided by 3.5: 16/8/4/2
+    assert backbone.forward_features(torch.zeros(1, 3, 64, 64)).shape[-1] == 2
