@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 EPILOG = """examples:
@@ -94,7 +95,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_common(p)
 
     p = sub.add_parser("demo", help="pre-train a small BC-SSL on Fashion-MNIST and report k-NN vs baselines")
-    p.add_argument("--config", default="demo_fmnist", help="preset (default demo_fmnist; demo_fmnist_long: ~1 h)")
+    p.add_argument("--config", default="demo_fmnist", help="preset (default demo_fmnist: 15 min on any machine; "
+                   "demo_fmnist_long: a fixed 8 epochs, ~1 h)")
+    p.add_argument("--budget-min", type=float, default=None,
+                   help="wall-clock minutes for the whole command (baselines, training, evaluation, report): "
+                        "the demo times its first steps and trains as long as fits (default: the preset's "
+                        "demo.budget_min, 15 for demo_fmnist; an explicit train.epochs or train.steps override "
+                        "fixes the length instead)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     _add_common(p)
 
@@ -157,10 +164,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                        "(skips finished ones, resumes interrupted ones), then sweep report.md with tables and plots")
     p.add_argument("--config", required=True, help="preset or YAML every run starts from")
     p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
-                   help="e.g. model.kernel_size=3,5,7,9,15 model.dw_norm=ln,bn+ln")
+                   help="e.g. model.kernel_size=3,5,7,9,15 model.dw_norm=ln,bn+ln (a KEY=VALUE with one value "
+                        "is a fixed override, as one after the grid)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's seed)")
     p.add_argument("--out", default=None, help="sweep folder (default: <run.dir>/sweep_<run.name>)")
-    p.add_argument("--evals", default="knn,linear,robustness", help="evaluations per run (robustness needs linear)")
+    p.add_argument("--evals", default="knn,linear,robustness",
+                   help="evaluations per run (`bcssl eval --help` lists them; e.g. random_init: the k-NN of the same "
+                        "network before training, and with knn the gain over it)")
     p.add_argument("--no-cam", action="store_true", help="skip the Grad-CAM grids in the summary")
     p.add_argument("--index", type=int, action="append", default=None,
                    help="run only combination I (repeatable; one job per combination, e.g. a Slurm array task)")
@@ -245,14 +255,28 @@ def _without_option(argv: list[str], option: str) -> list[str]:
 
 
 def cmd_demo(args) -> None:
-    from bcssl.config import load_config
-    from bcssl.demo import run_demo
+    from bcssl.config import ConfigError, load_config
+    from bcssl.demo import process_age_s, run_demo
 
-    cfg = load_config(args.config, args.overrides)
-    s = run_demo(cfg)
-    _emit(args, s, (f"k-NN top-1 on Fashion-MNIST test: pre-trained {s['knn_top1']:.2f}% | random init "
-                    f"{s['baseline_random_knn_top1']:.2f}% | raw pixels {s['baseline_pixels_knn_top1']:.2f}% "
-                    f"({s['wall_s']:.0f} s); report: {s['run_dir']}/report.md"))
+    started = time.perf_counter() - process_age_s()  # the interpreter start and imports count too
+
+    overrides = list(args.overrides)
+    fixed = [o for o in overrides if o.split("=", 1)[0] in ("train.epochs", "train.steps")]
+    if args.budget_min is not None:
+        if args.budget_min <= 0:
+            raise ConfigError(f"--budget-min must be a positive number of minutes, got {args.budget_min:g}")
+        if fixed:
+            raise ConfigError(f"--budget-min sizes the run itself; drop {' '.join(fixed)} or --budget-min")
+        overrides.append(f"demo.budget_min={args.budget_min}")
+    elif fixed:  # the user chose the length: the budget does not change it
+        overrides.append("demo.budget_min=null")
+    cfg = load_config(args.config, overrides)
+    s = run_demo(cfg, started)
+    _emit(args, s, (f"k-NN top-1 on Fashion-MNIST test: pre-trained {s['knn_top1']:.2f}% | mean-centred pixels "
+                    f"{s['baseline_centred_pixels_knn_top1']:.2f}% | raw pixels {s['baseline_pixels_knn_top1']:.2f}% | "
+                    f"random init {s['baseline_random_knn_top1']:.2f}%\n"
+                    f"{s['images_seen']:,} images ({s['epochs']:g} epochs) at {s['imgs_per_s']:.1f} img/s; whole demo "
+                    f"{s['wall_s']:.0f} s on {s['machine']}; report: {s['run_dir']}/report.md"))
 
 
 def cmd_eval(args) -> None:
@@ -317,9 +341,16 @@ def cmd_viz_crops(args) -> None:
 def cmd_sweep(args) -> None:
     import shlex
 
-    from bcssl.sweep import Sweep, parse_grid
+    from bcssl.config import ConfigError
+    from bcssl.sweep import Sweep, parse_grid, split_values
 
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+    # --grid takes every KEY=VALUE after it: one with a single value is a fixed override, not an axis
+    axes = [g for g in args.grid if len(split_values(g.partition("=")[2])) > 1]
+    fixed = [g for g in args.grid if g not in axes]
+    if not axes:
+        raise ConfigError("--grid needs a KEY=V1,V2,... with two or more values (e.g. model.kernel_size=3,5,7,9,15)")
+    args.grid, args.overrides = axes, [*fixed, *args.overrides]
     sweep = Sweep(args.config, parse_grid(args.grid), seeds, args.overrides, args.out,
                   evals=[e for e in args.evals.split(",") if e], cam=not args.no_cam)
     if args.list:

@@ -21,6 +21,8 @@ the same interleaved rounds and reported as a ratio to that plain row:
     compile         the student's backbone and head torch.compile'd in place (train.compile_backend)
     bf16 / fp16     autocast; fp16 with a GradScaler (CUDA only)
     fused           fused AdamW (one kernel for all parameters)
+    full_kernel     BC-SSL's depthwise convs with their whole k x k kernel on every map (the code
+                    before the kernel was cut to the taps that reach a pixel of small maps)
 
 Join options with '+' for a combined row (``channels_last+bf16+fused``). ``--only-options``
 skips (a)-(c).
@@ -122,7 +124,19 @@ def make_step(method, cfg, memory_format, autocast, fused: bool | None = None, s
     return step
 
 
-OPTIONS = ("channels_last", "compile", "bf16", "fp16", "fused")
+OPTIONS = ("channels_last", "compile", "bf16", "fp16", "fused", "full_kernel")
+
+
+def with_full_kernel(step):
+    """``step`` with every depthwise conv run on its whole kernel (``full_kernel`` rows)."""
+    from unittest import mock
+
+    from bcssl.models import bcssl_convnext
+
+    def run(crops, i):
+        with mock.patch.object(bcssl_convnext, "depthwise_conv", lambda conv, x: conv(x)):
+            return step(crops, i)
+    return run
 
 
 def parse_options(text: str, device: torch.device) -> tuple[list[tuple[str, set]], list[str]]:
@@ -265,6 +279,8 @@ def main(argv: list[str] | None = None) -> dict:
                   if amp else torch.autocast(device.type, enabled=False))
             scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
             step = make_step(method, cfg, fmt, ac, fused=True if "fused" in flags else None, scaler=scaler)
+            if "full_kernel" in flags:
+                step = with_full_kernel(step)
             pipelines[f"opt:{name}"] = (step, lambda: iter(pre))
     rates = interleaved(pipelines, args.warmup, args.steps, args.rounds, B)
 

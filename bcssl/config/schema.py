@@ -19,8 +19,17 @@ class RunConfig:
 
 
 @dataclass
+class CanvasConfig:
+    """``data.name=fashion_mnist_canvas`` (bcssl/data/canvas.py): each Fashion-MNIST item on its own canvas."""
+    size: int = 64  # canvas side (px)
+    scale: List[float] = field(default_factory=lambda: [1.0, 2.0])  # item side / 28 px: 28-56 px
+    clutter: int = 0  # fragments of other items scattered around the item
+    seed: int = 0  # which canvases (positions, scales, clutter); train and test always differ
+
+
+@dataclass
 class DataConfig:
-    name: str = "fashion_mnist"  # fashion_mnist | image_folder | cifar10 | cifar100 | stl10
+    name: str = "fashion_mnist"  # fashion_mnist | fashion_mnist_canvas | image_folder | cifar10 | cifar100 | stl10
     root: Optional[str] = None  # None: the dataset's default location
     split: str = "train"
     eval_split: str = "test"  # the split k-NN queries come from ("val" for ImageNet folders)
@@ -33,6 +42,7 @@ class DataConfig:
     # image_folder: the loader decodes each batch of JPEG bytes on the training device
     # (torchvision.io.decode_jpeg; nvJPEG on CUDA) and cuts the crops there, instead of PIL in the workers
     decode_on_device: bool = False
+    canvas: CanvasConfig = field(default_factory=CanvasConfig)
 
 
 @dataclass
@@ -65,6 +75,11 @@ class DINOConfig:
     teacher_temp: float = 0.07
     warmup_teacher_temp_epochs: int = 30
     center_momentum: float = 0.9
+    # DINO's successors, optional (the paper's DINO: centre, 0): centring = centre (EMA of the teacher's
+    # batch mean) | sinkhorn_knopp (DINOv2: the teacher's batch balanced over the prototypes);
+    # koleo_weight > 0 adds DINOv2's KoLeo regulariser on the student's global-view features (DINOv2: 0.1)
+    centering: str = "centre"
+    koleo_weight: float = 0.0
     momentum_teacher: float = 0.996  # EMA base, cosine -> 1
     freeze_last_layer: int = 1  # epochs during which the head's last layer gets no update
 
@@ -141,6 +156,9 @@ class CropsConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 100
+    # the run's length in optimisation steps instead (None: epochs x steps per epoch); every
+    # schedule spans it and the last epoch ends early (bcssl demo sets it from its time budget)
+    steps: Optional[int] = None
     batch_size: int = 64  # per process; the global batch is batch_size x world size
     lr: float = 5e-4  # at a global batch of 256: lr = lr * global_batch / 256 (DINO)
     min_lr: float = 1e-6
@@ -272,6 +290,15 @@ class DetectionConfig:
 
 
 @dataclass
+class DemoConfig:
+    """``bcssl demo``: a wall-clock budget for the whole command (baselines, training, evaluation,
+    report). The demo times its first training steps and sets ``train.steps`` to fill the budget."""
+    budget_min: Optional[float] = None  # None: train for train.epochs, whatever the time
+    probe_steps: int = 6  # training steps timed to measure the speed (the first one is not counted)
+    margin: float = 0.05  # fraction of the budget kept free for the speed varying during the run
+
+
+@dataclass
 class LogConfig:
     tensorboard: bool = True
 
@@ -293,4 +320,5 @@ class Config:
     cam: CamConfig = field(default_factory=CamConfig)
     throughput: ThroughputConfig = field(default_factory=ThroughputConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
     log: LogConfig = field(default_factory=LogConfig)

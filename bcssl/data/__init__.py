@@ -25,6 +25,7 @@ from .datasets import (
     probe_readable,
     train_and_eval_sets,
 )
+from .canvas import grid_canvas, load_fashion_mnist_canvas, scatter_canvas
 from .loader import BatchLoader, CropBatch, WorkerPhotometric, epoch_order, steps_per_epoch
 
 __all__ = [
@@ -42,6 +43,9 @@ __all__ = [
     "eval_image_size",
     "evaluation_labels_missing",
     "load_fashion_mnist",
+    "load_fashion_mnist_canvas",
+    "grid_canvas",
+    "scatter_canvas",
     "load_torchvision",
     "pretraining_dataset",
     "probe_readable",

@@ -665,7 +665,7 @@ def load_torchvision(
 
 # ----------------------------------------------------------------------------- factory
 
-DATASET_NAMES = ("fashion_mnist", "image_folder", "cifar10", "cifar100", "stl10")
+DATASET_NAMES = ("fashion_mnist", "fashion_mnist_canvas", "image_folder", "cifar10", "cifar100", "stl10")
 
 
 def build_dataset(
@@ -679,10 +679,13 @@ def build_dataset(
     crop_size: int = 224,
     load_size: int | None = None,
     decode_on_device: bool = False,
+    canvas=None,
 ) -> Dataset:
     """Dataset for config ``data.name`` / ``data.root`` / ``data.download``.
 
-    ``name``: fashion_mnist | image_folder | cifar10 | cifar100 | stl10 ('-' is read as '_').
+    ``name``: fashion_mnist | fashion_mnist_canvas | image_folder | cifar10 | cifar100 | stl10
+    ('-' is read as '_'). ``canvas`` (``data.canvas``: size, scale, clutter, seed) applies to
+    fashion_mnist_canvas (:mod:`bcssl.data.canvas`), whose ``root`` is Fashion-MNIST's.
     image_folder only (it needs ``root``): ``file_list`` (``data.file_list``), the evaluation
     transform ``resize_size`` / ``crop_size`` (``load_size`` sets both) and ``decode_on_device``
     (``data.decode_on_device``).
@@ -694,6 +697,12 @@ def build_dataset(
     key = str(name).lower().replace("-", "_")
     if key == "fashion_mnist":
         return load_fashion_mnist(root, split=split, download=download)
+    if key == "fashion_mnist_canvas":
+        from .canvas import load_fashion_mnist_canvas
+
+        if download:  # fetch the source items first; the canvases are drawn from them
+            load_fashion_mnist(root, split=split, download=True)
+        return load_fashion_mnist_canvas(root, split, **dict(canvas or {}))
     if key == "image_folder":
         if root is None:
             raise ValueError("data.name=image_folder needs data.root (a folder of images or of class folders)")
@@ -708,7 +717,7 @@ def pretraining_dataset(cfg) -> Dataset:
     """The ``data.split`` set a run pre-trains on (``data.*``: a flat folder or file list is fine)."""
     d = cfg.data
     return build_dataset(d.name, root=d.root, split=d.split, download=d.download, file_list=d.file_list,
-                         decode_on_device=d.decode_on_device)
+                         decode_on_device=d.decode_on_device, canvas=d.canvas)
 
 
 class UnlabelledDataError(ValueError):
@@ -765,7 +774,8 @@ def dataset_from_config(cfg, split: str) -> Dataset:
     """
     data, ev = _sections(cfg)
     if not _is_folder(data):
-        return build_dataset(data.name, root=ev.root or data.root, split=split, download=data.download)
+        return build_dataset(data.name, root=ev.root or data.root, split=split, download=data.download,
+                             canvas=data.get("canvas"))
     ds = build_dataset(data.name, root=ev.root or data.root, split=split, resize_size=ev.resize_size,
                        crop_size=ev.crop_size)
     if not ds.labelled:

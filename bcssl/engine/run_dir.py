@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from bcssl.config import load_config, to_yaml
 
@@ -105,7 +105,8 @@ RESUME_IGNORED = ("run.dir", "device", "threads", "data.workers", "train.progres
 #: Keys a user may change on resume with ``--resume-changed``: the length of training (the cosine
 #: schedules then stretch from the resumed step on), how often it logs and checkpoints, and the
 #: evaluation settings (the k-NN monitor and the recipes evaluations read later).
-RESUME_CHANGEABLE = ("train.epochs", "train.log_every_steps", "train.checkpoint_every_steps", "log.*", "eval.*",
+RESUME_CHANGEABLE = ("train.epochs", "train.steps", "train.log_every_steps", "train.checkpoint_every_steps", "log.*",
+                     "eval.*",
                      "linear.*", "detection.*")
 
 

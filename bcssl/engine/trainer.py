@@ -7,6 +7,7 @@ checkpoint replays the remaining steps bit for bit.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
@@ -164,13 +165,16 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
                             f"batch of train.batch_size={cfg.train.batch_size} x {dist.world_size} processes")
     epochs = cfg.train.epochs
     total_steps = steps_per_epoch * epochs
+    if cfg.train.steps:  # the run's length in steps (bcssl demo's budget): the last epoch ends early
+        total_steps = int(cfg.train.steps)
+        epochs = math.ceil(total_steps / steps_per_epoch)
     global_batch = cfg.train.batch_size * dist.world_size
     base_lr = cfg.train.lr * global_batch / 256  # DINO's linear scaling rule
     warmup_steps = min(cfg.train.warmup_epochs * steps_per_epoch, total_steps)
 
     torch.manual_seed(cfg.seed)  # model initialisation
     method = build_method(cfg)
-    method.setup(steps_per_epoch, epochs)
+    method.setup(steps_per_epoch, epochs, total_steps)
     if dist.enabled:  # every BN sees the global batch, as in one process (BC-SSL has one per block)
         method = ddp.convert_sync_batchnorm(method, device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
@@ -244,6 +248,8 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
                    dynamic_ncols=True)
         t_log, n_log, empty_steps = time.perf_counter(), 0, 0
         for batch in bar:
+            if step >= total_steps:  # train.steps ends the last epoch early
+                break
             n = len(batch) if loader.makes_crops else batch[0].shape[0]
             empty = n == 0  # every image of this batch was unreadable (counted by the loader)
             global_batch = n * dist.world_size
@@ -311,7 +317,7 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
             images_seen += global_batch
             n_log += global_batch
             train_s += time.perf_counter() - t0
-            if step % cfg.train.log_every_steps == 0 or step % steps_per_epoch == 0:
+            if step % cfg.train.log_every_steps == 0 or step % steps_per_epoch == 0 or step == total_steps:
                 dt = time.perf_counter() - t_log
                 loss_value = ddp.all_reduce_mean(loss.detach().float()).item()  # the global batch's loss
                 values = {"loss": loss_value, "lr": lr, "wd": wd,
@@ -342,7 +348,7 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
         if knn_eval is not None and ((every and (epoch + 1) % every == 0) or (last and cfg.eval.final_knn)):
             result = knn_eval(method, epoch + 1)  # every rank encodes its shard; all get the result
             knn_top1 = result["top1"]
-            metrics.write("knn", step, epoch=epoch + 1, top1=result["top1"], top5=result["top5"])
+            metrics.write("knn", step, epoch=step / steps_per_epoch, top1=result["top1"], top5=result["top5"])
             if dist.is_main:
                 log.info("epoch %d: k-NN top-1 %.2f%%", epoch + 1, knn_top1)
             method.train()

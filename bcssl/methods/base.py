@@ -46,7 +46,9 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, crops: list[torch.Tensor], return_features: bool = False):
+        """Head outputs of all crops, concatenated in crop order; with ``return_features`` also the
+        backbone features they were computed from."""
         feats, start = [], 0
         while start < len(crops):
             end = start
@@ -54,7 +56,9 @@ class MultiCropWrapper(nn.Module):
                 end += 1
             feats.append(self.backbone(torch.cat(crops[start:end])))
             start = end
-        return self.head(torch.cat(feats))
+        features = torch.cat(feats)
+        out = self.head(features)
+        return (out, features) if return_features else out
 
 
 @torch.no_grad()
@@ -97,18 +101,21 @@ class SSLMethod(nn.Module):
     # The run length, set by setup(); until then a one-step run (a method used outside the trainer)
     steps_per_epoch: int = 1
     epochs: int = 1
+    total_steps: int = 1
 
-    def setup(self, steps_per_epoch: int, epochs: int) -> None:
-        """Called once by the trainer before training so schedules know the run length."""
+    def setup(self, steps_per_epoch: int, epochs: int, total_steps: int | None = None) -> None:
+        """Called once by the trainer before training so schedules know the run length
+        (``total_steps``: ``epochs x steps_per_epoch`` unless ``train.steps`` ends the last epoch early)."""
         self.steps_per_epoch = steps_per_epoch
         self.epochs = epochs
+        self.total_steps = total_steps if total_steps is not None else steps_per_epoch * epochs
 
     def momentum(self, step: int) -> float:
         """EMA momentum of the teacher/target network: cosine from :attr:`base_momentum` (the
         method's ``method.dino.momentum_teacher`` / ``method.<name>.momentum``) to 1 over all steps
         (DINO's ``cosine_scheduler``, BYOL's ``target_ema``, MoCo v3's ``adjust_moco_momentum``,
         CARE's ``get_param_momentum``: the same formula)."""
-        return cosine_schedule(step, self.steps_per_epoch * self.epochs, self.base_momentum, 1.0)
+        return cosine_schedule(step, self.total_steps, self.base_momentum, 1.0)
 
     def param_groups(self) -> list[dict]:
         """The optimiser's two parameter groups ``[decayed, not decayed]`` of the student: by default

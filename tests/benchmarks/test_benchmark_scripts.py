@@ -26,12 +26,13 @@ def test_train_throughput_option_rows(tiny_fmnist):
     out = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "train_throughput.py"), "--steps", "1", "--rounds", "1",
          "--warmup", "1", "--batch", "8", "--threads", "1", "--device", "cpu", "--only-options",
-         "--options", "channels_last,compile,bf16,fp16,fused,channels_last+bf16", "--json",
+         "--options", "channels_last,compile,bf16,fp16,fused,channels_last+bf16,full_kernel", "--json",
          f"data.root={tiny_fmnist}", "train.compile_backend=aot_eager", *TINY_MODEL, *TINY_HEAD, *TINY_CROPS],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(result["options"]) == {"plain", "channels_last", "compile", "bf16", "fused", "channels_last+bf16"}
+    assert set(result["options"]) == {"plain", "channels_last", "compile", "bf16", "fused", "channels_last+bf16",
+                                      "full_kernel"}
     assert result["options"]["plain"]["over_plain"] == 1.0
     assert all(row["img_s"] > 0 and row["over_plain"] > 0 for row in result["options"].values())
     assert "bcssl_end_to_end_img_s" not in result  # --only-options: no (a)-(c)

@@ -96,3 +96,16 @@ def test_comparison_presets_follow_their_reference_code():
     assert not care.model.zero_init_last  # CARE's ResNet-50: zero_init_residual=False
     byol = load_config("imagenet_byol_resnet50_300ep")
     assert byol.model.zero_init_last and byol.method.byol.momentum == 0.99 and byol.train.optimizer == "lars"
+
+
+def test_canvas_sweep_preset_trains_on_canvases(tmp_path, tiny_fmnist):
+    cfg = load_config("sweep_canvas", [f"data.root={tiny_fmnist}", f"run.dir={tmp_path}", "train.batch_size=8",
+                                       "train.steps=2", "train.progress=false", "log.tensorboard=false", "threads=1"])
+    assert cfg.data.name == "fashion_mnist_canvas" and cfg.demo.budget_min is None
+    res = train(cfg)
+    assert res.images_seen == 16
+    from bcssl.engine.runtime import load_run_backbone
+
+    _, backbone, _ = load_run_backbone(res.run_dir)
+    # a 64 px view gives the stage maps 224 px ImageNet images give BC-SSL-T, divided by 3.5: 16/8/4/2
+    assert backbone.forward_features(torch.zeros(1, 3, 64, 64)).shape[-1] == 2
