@@ -51,8 +51,8 @@ PAPER_CROPS = ["crops.global_size=224", "crops.local_size=96", "crops.n_local=10
 CASES = {
     "bcssl_t": ("imagenet_bcssl_t_100ep", []),
     "demo": ("imagenet_bcssl_t_100ep", ["model.name=bcssl_atto", "model.dims=[32,64,128,256]", "model.depths=[1,1,3,1]",
-                                        "method.out_dim=2048", "method.hidden_dim=512", "method.bottleneck_dim=64",
-                                        "method.use_bn_in_head=true"]),
+                                        "method.dino.out_dim=2048", "method.dino.hidden_dim=512",
+                                        "method.dino.bottleneck_dim=64", "method.dino.use_bn_in_head=true"]),
 }
 
 

@@ -64,7 +64,7 @@ def test_imagenet_like_prints_the_three_rates_and_ratios(tmp_path):
          "--images", "12", "--side", "40,90", "--cases", "demo", "--batch-demo", "4", "--steps", "1", "--rounds", "1",
          "--workers", "1", "--threads", "1", "--data-rounds", "1", "crops.global_size=32", "crops.local_size=32",
          "crops.n_local=1",
-         "method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16"],
+         "method.dino.out_dim=64", "method.dino.hidden_dim=32", "method.dino.bottleneck_dim=16"],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
