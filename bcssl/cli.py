@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 from pathlib import Path
 
 EPILOG = """examples:
@@ -25,6 +26,7 @@ EPILOG = """examples:
   bcssl eval detection runs/imagenet_bcssl_t_300ep detection.root=/data/coco --nproc 8
   bcssl bench throughput --models bcssl_t,swin_t --batch 16
   bcssl viz cam runs/demo
+  bcssl viz crops --config imagenet_bcssl_t_100ep --images ./photos --json
   bcssl report runs/demo
   bcssl sweep --config sweep_fmnist --grid model.kernel_size=3,5,7,9,15 model.dw_norm=ln,bn+ln
   bcssl export runs/demo --format onnx               # also safetensors, torchscript, timm
@@ -102,6 +104,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true",
                    help="print the resolved config, model size, steps, global batch and learning rate, then exit "
                         "without training or creating anything")
+    p.add_argument("--resume-changed", action="store_true",
+                   help="resume a run whose config differs from the one it started with in keys a run may change "
+                        "(train.epochs, train.steps, train.log_every_steps, train.checkpoint_every_steps, log.*, eval.*, linear.*, "
+                        "detection.*); without it any difference is refused")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=10")
     _add_common(p)
 
@@ -113,7 +119,13 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     _add_common(c)
 
     p = sub.add_parser("demo", help="pre-train a small BC-SSL on Fashion-MNIST and report k-NN vs baselines")
-    p.add_argument("--config", default="demo_fmnist", help="preset (default demo_fmnist; demo_fmnist_long: ~1 h)")
+    p.add_argument("--config", default="demo_fmnist", help="preset (default demo_fmnist: 15 min on any machine; "
+                   "demo_fmnist_long: a fixed 8 epochs, ~1 h)")
+    p.add_argument("--budget-min", type=float, default=None,
+                   help="wall-clock minutes for the whole command (baselines, training, evaluation, report): "
+                        "the demo times its first steps and trains as long as fits (default: the preset's "
+                        "demo.budget_min, 15 for demo_fmnist; an explicit train.epochs or train.steps override "
+                        "fixes the length instead)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. threads=2")
     _add_common(p)
 
@@ -157,15 +169,35 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     v.add_argument("--out", default=None, help="PNG path (default: <first run>/cam.png, where `bcssl report` finds it)")
     v.add_argument("--n", type=int, default=8, help="number of default images")
     _add_common(v)
+    v = vsub.add_parser("crops", help="the pre-training multi-crops of a few images: a grid PNG (original with the "
+                        "boxes, then each crop as the network sees it); --json adds every crop's box",
+                        description="Writes a grid PNG of the multi-crops of the first N images: one row per image, "
+                        "the original with every crop's box drawn, then the crops after the whole augmentation. "
+                        "Image files are cut as in pre-training (boxes over the original image, seeded as positions "
+                        "0..N-1 of global step --step). With --json the last stdout line is "
+                        '{"png": PATH, "images": [{"path", "width", "height", "crops": [{"kind": "global|local", '
+                        '"box": [x0, y0, x1, y1], "flip": bool}]}]}, boxes in the original image pixels '
+                        "(x1, y1 exclusive).")
+    v.add_argument("--config", required=True, help="preset name or YAML file (its crops.* and data.*)")
+    v.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. crops.n_local=10")
+    v.add_argument("--images", default=None, help="a folder of images, flat or class folders (default: the "
+                   "config's pre-training data)")
+    v.add_argument("--n", type=int, default=4, help="number of images (default 4)")
+    v.add_argument("--step", type=int, default=0, help="global step whose crop seeds are used (default 0)")
+    v.add_argument("--out", default="crops.png", help="PNG path (default: ./crops.png)")
+    _add_common(v)
 
     p = sub.add_parser("sweep", help="kernel-size x norm study: train + evaluate every grid combination "
                        "(skips finished ones, resumes interrupted ones), then sweep report.md with tables and plots")
     p.add_argument("--config", required=True, help="preset or YAML every run starts from")
     p.add_argument("--grid", nargs="+", required=True, metavar="KEY=V1,V2",
-                   help="e.g. model.kernel_size=3,5,7,9,15 model.dw_norm=ln,bn+ln")
+                   help="e.g. model.kernel_size=3,5,7,9,15 model.dw_norm=ln,bn+ln (a KEY=VALUE with one value "
+                        "is a fixed override, as one after the grid)")
     p.add_argument("--seeds", default=None, help="comma-separated seeds (default: the config's seed)")
     p.add_argument("--out", default=None, help="sweep folder (default: <run.dir>/sweep_<run.name>)")
-    p.add_argument("--evals", default="knn,linear,robustness", help="evaluations per run (robustness needs linear)")
+    p.add_argument("--evals", default="knn,linear,robustness",
+                   help="evaluations per run (`bcssl eval --help` lists them; e.g. random_init: the k-NN of the same "
+                        "network before training, and with knn the gain over it)")
     p.add_argument("--no-cam", action="store_true", help="skip the Grad-CAM grids in the summary")
     p.add_argument("--index", type=int, action="append", default=None,
                    help="run only combination I (repeatable; one job per combination, e.g. a Slurm array task)")
@@ -233,7 +265,7 @@ def cmd_pretrain(args) -> None:
     from bcssl.engine.trainer import train
     from bcssl.eval.knn import knn_monitor
 
-    result = train(cfg, knn_eval=knn_monitor(cfg)).as_dict()
+    result = train(cfg, knn_eval=knn_monitor(cfg), resume_changed=args.resume_changed).as_dict()
     if env_rank() != 0:
         return  # rank 0 reports
     knn = f", k-NN top-1 {result['knn_top1']:.2f}%" if result["knn_top1"] is not None else ""
@@ -292,14 +324,28 @@ def _without_option(argv: list[str], option: str) -> list[str]:
 
 
 def cmd_demo(args) -> None:
-    from bcssl.config import load_config
-    from bcssl.demo import run_demo
+    from bcssl.config import ConfigError, load_config
+    from bcssl.demo import process_age_s, run_demo
 
-    cfg = load_config(args.config, args.overrides)
-    s = run_demo(cfg)
-    _emit(args, s, (f"k-NN top-1 on Fashion-MNIST test: pre-trained {s['knn_top1']:.2f}% | random init "
-                    f"{s['baseline_random_knn_top1']:.2f}% | raw pixels {s['baseline_pixels_knn_top1']:.2f}% "
-                    f"({s['wall_s']:.0f} s); report: {s['run_dir']}/report.md"))
+    started = time.perf_counter() - process_age_s()  # the interpreter start and imports count too
+
+    overrides = list(args.overrides)
+    fixed = [o for o in overrides if o.split("=", 1)[0] in ("train.epochs", "train.steps")]
+    if args.budget_min is not None:
+        if args.budget_min <= 0:
+            raise ConfigError(f"--budget-min must be a positive number of minutes, got {args.budget_min:g}")
+        if fixed:
+            raise ConfigError(f"--budget-min sizes the run itself; drop {' '.join(fixed)} or --budget-min")
+        overrides.append(f"demo.budget_min={args.budget_min}")
+    elif fixed:  # the user chose the length: the budget does not change it
+        overrides.append("demo.budget_min=null")
+    cfg = load_config(args.config, overrides)
+    s = run_demo(cfg, started)
+    _emit(args, s, (f"k-NN top-1 on Fashion-MNIST test: pre-trained {s['knn_top1']:.2f}% | mean-centred pixels "
+                    f"{s['baseline_centred_pixels_knn_top1']:.2f}% | raw pixels {s['baseline_pixels_knn_top1']:.2f}% | "
+                    f"random init {s['baseline_random_knn_top1']:.2f}%\n"
+                    f"{s['images_seen']:,} images ({s['epochs']:g} epochs) at {s['imgs_per_s']:.1f} img/s; whole demo "
+                    f"{s['wall_s']:.0f} s on {s['machine']}; report: {s['run_dir']}/report.md"))
 
 
 def cmd_eval(args) -> None:
@@ -364,12 +410,28 @@ def cmd_viz_cam(args) -> None:
     _emit(args, s, f"{rows}\nCAM grid: {s['png']}")
 
 
+def cmd_viz_crops(args) -> None:
+    from bcssl.config import load_config
+    from bcssl.data.crop_viz import visualize_crops
+
+    cfg = load_config(args.config, args.overrides)
+    r = visualize_crops(cfg, args.images, n=args.n, step=args.step, out_png=args.out)
+    _emit(args, r, f"crops of {len(r['images'])} images ({2 + cfg.crops.n_local} each): {r['png']}")
+
+
 def cmd_sweep(args) -> None:
     import shlex
 
-    from bcssl.sweep import Sweep, parse_grid
+    from bcssl.config import ConfigError
+    from bcssl.sweep import Sweep, parse_grid, split_values
 
     seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else None
+    # --grid takes every KEY=VALUE after it: one with a single value is a fixed override, not an axis
+    axes = [g for g in args.grid if len(split_values(g.partition("=")[2])) > 1]
+    fixed = [g for g in args.grid if g not in axes]
+    if not axes:
+        raise ConfigError("--grid needs a KEY=V1,V2,... with two or more values (e.g. model.kernel_size=3,5,7,9,15)")
+    args.grid, args.overrides = axes, [*fixed, *args.overrides]
     sweep = Sweep(args.config, parse_grid(args.grid), seeds, args.overrides, args.out,
                   evals=[e for e in args.evals.split(",") if e], cam=not args.no_cam)
     if args.list:
@@ -439,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     handler = {"pretrain": cmd_pretrain, "demo": cmd_demo, "presets": cmd_presets, "report": cmd_report,
                "sweep": cmd_sweep, "export": cmd_export,
                "config": {"show": cmd_config_show}.get(getattr(args, "config_command", None)),
-               "viz": {"cam": cmd_viz_cam}.get(getattr(args, "viz_command", None)),
+               "viz": {"cam": cmd_viz_cam, "crops": cmd_viz_crops}.get(getattr(args, "viz_command", None)),
                "bench": {"throughput": cmd_bench_throughput}.get(getattr(args, "bench_command", None)),
                "eval": cmd_eval}[args.command]
     try:

@@ -112,14 +112,6 @@ class ExportResult:
 # ------------------------------------------------------------------------------------------------
 
 
-def _bcssl_kwargs(m) -> dict:
-    """``BCSSLConvNeXt(**kwargs)`` rebuilding ``m``'s architecture (no drop path: inference)."""
-    block = m.stages[0].blocks[0]
-    return {"depths": list(m.depths), "dims": list(m.dims), "kernel_size": list(m.kernel_sizes),
-            "dw_norm": m.dw_norm, "stem_stride": m.stem_stride,
-            "layer_scale_init": 1e-6 if block.gamma is not None else None, "in_chans": m.in_chans}
-
-
 def config_model_kwargs(model_cfg) -> dict:
     """The run's backbone kwargs (as the methods build it, :func:`backbone_kwargs`) for inference
     (no drop path), with lists for the JSON metadata."""
@@ -167,31 +159,19 @@ def timm_convnext_spec(depths: Sequence[int], dims: Sequence[int], kernel_sizes:
     return name, kw, conv_mlp
 
 
-def _timm_state(folded: nn.Module) -> tuple[dict, str, dict]:
-    """timm ConvNeXt ``(state dict, model name, kwargs)`` of a folded backbone."""
-    from bcssl.models import BCSSLConvNeXt
-    from bcssl.models.baselines import TimmBackbone
-
-    if isinstance(folded, BCSSLConvNeXt):
-        if folded.dw_norm == "bn":
-            raise ExportError("dw_norm='bn' (BatchNorm replaces ConvNeXt's LayerNorm) cannot be expressed as a "
-                              "timm ConvNeXt, whose blocks always have a LayerNorm; export it as safetensors, "
-                              "torchscript or onnx")
-        name, kw, conv_mlp = timm_convnext_spec(folded.depths, folded.dims, folded.kernel_sizes,
-                                                stem_stride=folded.stem_stride, in_chans=folded.in_chans)
-        state = folded.state_dict()
-    elif isinstance(folded, TimmBackbone) and folded.family == "convnext":
-        m = folded.model
-        first = [s.blocks[0] for s in m.stages]
-        name, kw, conv_mlp = timm_convnext_spec(
-            [len(s.blocks) for s in m.stages], [b.conv_dw.out_channels for b in first],
-            [b.conv_dw.kernel_size[0] for b in first],
-            stem_stride=int(getattr(folded, "stem_stride", m.stem[0].stride[0])), in_chans=folded.in_chans)
-        state = m.state_dict()
-    else:
-        what = getattr(folded, "name", type(folded).__name__)
+def _timm_state(backbone: nn.Module) -> tuple[dict, str, dict]:
+    """timm ConvNeXt ``(state dict, model name, kwargs)`` of a backbone (its BN folded)."""
+    what = getattr(backbone, "name", type(backbone).__name__)
+    try:
+        layout = backbone.timm_convnext()
+    except ValueError as e:
+        raise ExportError(f"{e}; export it as safetensors, torchscript or onnx") from None
+    if layout is None:
         raise ExportError(f"the timm format is for ConvNeXt backbones (bcssl_*, convnext_t), not {what}; "
                           "export it as safetensors, torchscript or onnx")
+    name, kw, conv_mlp = timm_convnext_spec(layout.depths, layout.dims, layout.kernel_sizes,
+                                            stem_stride=layout.stem_stride, in_chans=layout.in_chans)
+    state = layout.state_dict
     out = {}
     for k, v in state.items():
         if k.endswith((".mlp.fc1.weight", ".mlp.fc2.weight")):
@@ -238,13 +218,11 @@ def _read_safetensors(path: Path) -> tuple[dict, dict[str, str]]:
 
 
 def _load_bcssl_safetensors(path: Path, state: dict, meta: dict) -> nn.Module:
-    from bcssl.models import fold_bn
-
     try:
         model, kwargs = meta["model"], json.loads(meta["model_kwargs"])
     except (KeyError, ValueError) as e:
         raise ExportError(f"{path} has no usable architecture metadata ({e}); re-export it with `bcssl export`") from e
-    net = fold_bn(_build(model, kwargs)) if meta.get("bn_folded") == "true" else _build(model, kwargs)
+    net = _build(model, kwargs).fold_bn() if meta.get("bn_folded") == "true" else _build(model, kwargs)
     net.load_state_dict(state, strict=True)
     return net.eval()
 
@@ -416,10 +394,9 @@ def load_backbone(path: str | os.PathLike, *, device: str | torch.device = "cpu"
     p = Path(path)
     if p.is_dir():
         from bcssl.engine.runtime import load_run
-        from bcssl.models import fold_bn
 
         r = load_run(p)
-        net = fold_bn(r.backbone)
+        net = r.backbone.fold_bn()
         _attach(net, _str_meta(_run_metadata(p, r)))
         return net.to(device).eval()
     if not p.exists():
@@ -453,28 +430,25 @@ def export_backbone(backbone: nn.Module, out: str | os.PathLike, fmt: str = "saf
     """Fold ``backbone``'s BN, write it as ``fmt`` to ``out``, load it back and check it.
 
     ``model_name``/``model_kwargs``: the ``create_backbone`` call that rebuilds the architecture
-    (needed for the safetensors format of a non-BC-SSL backbone; a ``BCSSLConvNeXt`` describes
-    itself). ``input_size``: side of the square example input used for tracing and the check
-    (the export itself takes any size the model takes: batch, height and width stay dynamic).
+    (needed for the safetensors format of a backbone whose ``architecture()`` is ``None``; a
+    ``BCSSLConvNeXt`` describes itself). ``input_size``: side of the square example input used for
+    tracing and the check (the export itself takes any size the model takes: batch, height and
+    width stay dynamic).
     ``metadata``: extra entries for the file (values JSON-encoded unless str).
 
     The check runs a random batch through the written file and the unfolded ``backbone`` in eval
     mode; a max abs difference above ``tolerance`` raises :class:`ExportError` and leaves nothing
     at ``out``. ``backbone`` itself is not modified (its train/eval mode is restored).
     """
-    from bcssl.models import BCSSLConvNeXt, fold_bn
-
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fmt == "onnx":
         _require_onnx()
-    min_size = int(getattr(backbone, "min_input_size", 1))
+    min_size = int(backbone.min_input_size)
     if not isinstance(input_size, int) or input_size < min_size:
         raise ExportError(f"input size {input_size!r} is too small for this backbone: need at least {min_size}")
-    if isinstance(backbone, BCSSLConvNeXt):
-        model, kwargs = BCSSL_CLASS, _bcssl_kwargs(backbone)
-    else:
-        model, kwargs = model_name, dict(model_kwargs or {})
+    arch = backbone.architecture()  # a model that describes itself (BCSSLConvNeXt); else the caller's
+    model, kwargs = arch if arch is not None else (model_name, dict(model_kwargs or {}))
     if fmt == "safetensors" and model is None:
         raise ExportError(f"the safetensors format needs model_name/model_kwargs to rebuild a "
                           f"{type(backbone).__name__}; or use torchscript/onnx")
@@ -482,8 +456,8 @@ def export_backbone(backbone: nn.Module, out: str | os.PathLike, fmt: str = "saf
     was_training = backbone.training
     backbone.eval()
     try:
-        folded = fold_bn(backbone).cpu().float()  # exports are float32 CPU models
-        in_chans = int(getattr(backbone, "in_chans", 3))
+        folded = backbone.fold_bn().cpu().float()  # exports are float32 CPU models
+        in_chans = int(backbone.in_chans)
         x_trace = _probe(in_chans, input_size, batch=2, seed=1)
         x_check = _probe(in_chans, input_size, batch=3, seed=0)  # another batch size than traced
         param = next(backbone.parameters(), None)

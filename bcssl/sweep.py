@@ -49,19 +49,36 @@ class Combination:
 
     @property
     def name(self) -> str:
-        # "kernel_size=9,dw_norm=bn+ln,seed=0": readable, unique, shell-safe without quotes
-        return ",".join([f"{k.split('.')[-1]}={v}" for k, v in self.assignments] + [f"seed={self.seed}"])
+        # "kernel_size=9,dw_norm=bn+ln,seed=0": readable, unique, shell-safe without quotes (a list
+        # value [0.6,1.0] is spelt 0.6-1.0)
+        def spelt(v: str) -> str:
+            return v.strip("[]").replace(",", "-").replace(" ", "") if v.startswith("[") else v
+        return ",".join([f"{k.split('.')[-1]}={spelt(v)}" for k, v in self.assignments] + [f"seed={self.seed}"])
 
     def overrides(self) -> list[str]:
         return [f"{k}={v}" for k, v in self.assignments] + [f"seed={self.seed}"]
 
 
+def split_values(text: str) -> list[str]:
+    """``"3,[3,5,7,9],9"`` -> ``["3", "[3,5,7,9]", "9"]``: commas inside brackets belong to a list value."""
+    values, depth, current = [], 0, ""
+    for ch in text:
+        depth += {"[": 1, "]": -1}.get(ch, 0)
+        if ch == "," and depth == 0:
+            values.append(current)
+            current = ""
+        else:
+            current += ch
+    return [v.strip() for v in values + [current] if v.strip()]
+
+
 def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
-    """``["model.kernel_size=3,5", "model.dw_norm=ln,bn+ln"]`` -> ``{key: [values]}``."""
+    """``["model.kernel_size=3,5", "model.dw_norm=ln,bn+ln", "crops.global_scale=[0.4,1.0],[0.6,1.0]"]``
+    -> ``{key: [values]}``."""
     grid: dict[str, list[str]] = {}
     for item in items:
         key, sep, values = item.partition("=")
-        vals = [v.strip() for v in values.split(",") if v.strip()]
+        vals = split_values(values)
         if not sep or not key or not vals:
             raise ConfigError(f"--grid {item!r}: expected KEY=V1,V2,... (e.g. model.kernel_size=3,5,7,9,15)")
         if key in grid:
@@ -72,6 +89,20 @@ def parse_grid(items: Sequence[str]) -> dict[str, list[str]]:
     if not grid:
         raise ConfigError("--grid needs at least one KEY=V1,V2,...")
     return grid
+
+
+def _check_model(cfg: DictConfig, what: str) -> None:
+    """Build ``model.*`` on the meta device (no memory, no time): a value the backbone refuses
+    fails here, before the sweep trains the combinations listed before it."""
+    import torch
+
+    from bcssl.methods.base import backbone_from_config
+
+    try:
+        with torch.device("meta"):
+            backbone_from_config(cfg.model)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"{what}: {e}") from None
 
 
 class Sweep:
@@ -88,7 +119,9 @@ class Sweep:
         base = load_config(config, self.overrides)  # validates the preset, overrides and grid keys early
         for key, values in self.grid.items():
             for v in values:
-                load_config(config, self.overrides + [f"{key}={v}"])
+                cfg = load_config(config, self.overrides + [f"{key}={v}"])
+                if key.startswith("model."):
+                    _check_model(cfg, f"--grid {key}={v}")
         if "robustness" in self.evals and base.data.name == "image_folder" and not base.robustness.folder:
             raise ConfigError("the sweep's robustness evaluation of an image folder needs the released ImageNet-C "
                               "folder: robustness.folder=/path/to/imagenet-c robustness.kind=imagenet_c "
@@ -155,6 +188,8 @@ class Sweep:
         result = {"name": combo.name, "index": combo.index, "assignments": dict(combo.assignments),
                   "seed": combo.seed, "run_dir": str(self.run_dir(combo)), "train_s": trained.train_s,
                   "imgs_per_s": trained.imgs_per_s, "epochs": trained.epochs, "images_seen": trained.images_seen}
+        if trained.knn_top1 is not None:  # the k-NN monitor's last value (eval.knn_* limits), a cheap signal
+            result["monitor_knn_top1"] = trained.knn_top1
         result.update(values)
         result["wall_s"] = time.perf_counter() - t0
         write_json(self.run_dir(combo) / RESULT, result)
@@ -173,6 +208,8 @@ class Sweep:
                     out.update(ev.sweep_values(result))
         if "corruption_error" in out and "clean_error" not in out and "linear_top1" in out:
             out["clean_error"] = 100 - out["linear_top1"]  # released ImageNet-C has no clean images
+        if "knn_top1" in out and "random_knn_top1" in out:
+            out["knn_gain_over_random"] = out["knn_top1"] - out["random_knn_top1"]
         return out
 
     def run(self, indices: Sequence[int] | None = None, *, train_only: bool = False, summarize: bool = True,

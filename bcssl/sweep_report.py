@@ -167,6 +167,8 @@ def write_sweep_report(sweep: "Sweep", results: dict[str, dict | None]) -> dict:
               f" Not finished yet: {', '.join(missing)}." if missing else ""), "",
           "Cells: mean ± sample std over seeds (a single seed shows the value alone).", ""]
     special = {"knn_top1": "k-NN top-1 (%) — Table 2 style",
+               "random_knn_top1": "k-NN top-1 (%) of the same network at random initialisation",
+               "knn_gain_over_random": "k-NN gain of pre-training over random initialisation (points)",
                "imgs_per_s": "Pre-training throughput (images/s, this machine)"}
     robustness = ("clean_error", "corruption_error")  # their own section below
     sections = [(m, special.get(m, title[0].upper() + title[1:]), 0 if m == "imgs_per_s" else 2)
@@ -217,9 +219,10 @@ def write_sweep_report(sweep: "Sweep", results: dict[str, dict | None]) -> dict:
         for row, c in cams.items():
             md += [f"**{row}**", "", f"![Grad-CAM {row}]({os.path.relpath(c['png'], out_dir)})", ""]
 
-    md += ["## Runs", "", *_table(["run", "k-NN", "linear", "train s", "wall s"], [
-        [f"`{name}`", "not finished", "", "", ""] if r is None else
-        [f"`{name}`", _f(r.get("knn_top1")), _f(r.get("linear_top1")), _f(r.get("train_s"), 0), _f(r.get("wall_s"), 0)]
+    md += ["## Runs", "", *_table(["run", "k-NN", "random init k-NN", "linear", "train s", "wall s"], [
+        [f"`{name}`", "not finished", "", "", "", ""] if r is None else
+        [f"`{name}`", _f(r.get("knn_top1")), _f(r.get("random_knn_top1")), _f(r.get("linear_top1")),
+         _f(r.get("train_s"), 0), _f(r.get("wall_s"), 0)]
         for name, r in results.items()])]
     report = out_dir / "report.md"
     report.write_text("\n".join(md) + "\n")

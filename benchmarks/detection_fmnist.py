@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from bcssl.data import FASHION_MNIST_CLASSES, build_dataset  # noqa: E402
+from bcssl.data import FASHION_MNIST_CLASSES, build_dataset, grid_canvas  # noqa: E402
 from bcssl.engine import checkpoint as ckpt  # noqa: E402
 from bcssl.engine.run_dir import load_run_config  # noqa: E402
 from bcssl.engine.runtime import build_method  # noqa: E402
@@ -34,35 +34,29 @@ from bcssl.eval.detection import detection_of_run  # noqa: E402
 
 def write_canvases(root: Path, split: str, n: int, images: torch.Tensor, labels: torch.Tensor, size: int,
                    seed: int) -> None:
-    """``n`` canvases of ``size`` px: a 2 x 2 grid of cells, 1-3 of them holding an item scaled
-    by 1-1.5x at a random place inside its cell (so items never overlap)."""
+    """``n`` canvases of ``size`` px drawn by :func:`bcssl.data.canvas.grid_canvas` (1-3 items in
+    the cells of a 2 x 2 grid), written as PNGs + COCO annotations (box, mask = the item's pixels)."""
     from PIL import Image
     from pycocotools import mask as mask_util
 
     rng = np.random.default_rng(seed)
+    items = images[:, 0].numpy()
     folder = root / f"{split}2017"
     folder.mkdir(parents=True, exist_ok=True)
-    cell = size // 2
     records, anns = [], []
     for i in range(n):
-        canvas = np.zeros((size, size), dtype=np.uint8)
-        for c in rng.choice(4, size=rng.integers(1, 4), replace=False):
-            k = int(rng.integers(len(images)))
-            side = int(28 * rng.uniform(1.0, min(1.5, cell / 28)))
-            item = np.asarray(Image.fromarray(images[k, 0].numpy()).resize((side, side), Image.BICUBIC))
-            y0 = (c // 2) * cell + int(rng.integers(0, cell - side + 1))
-            x0 = (c % 2) * cell + int(rng.integers(0, cell - side + 1))
-            canvas[y0:y0 + side, x0:x0 + side] = np.maximum(canvas[y0:y0 + side, x0:x0 + side], item)
+        canvas, placed = grid_canvas(rng, items, size)
+        for p in placed:
             m = np.zeros((size, size), dtype=np.uint8)
-            m[y0:y0 + side, x0:x0 + side] = item > 20
+            m[p.y0:p.y0 + p.side, p.x0:p.x0 + p.side] = p.item > 20
             if m.sum() < 16:
                 continue
             ys, xs = np.nonzero(m)
             rle = mask_util.encode(np.asfortranarray(m))
             rle["counts"] = rle["counts"].decode("ascii")
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(labels[k]) + 1, "iscrowd": 0,
-                         "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
-                                  int(ys.max() - ys.min() + 1)],
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": int(labels[p.index]) + 1,
+                         "iscrowd": 0, "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1),
+                                                int(ys.max() - ys.min() + 1)],
                          "area": int(m.sum()), "segmentation": rle})
         Image.fromarray(canvas).convert("RGB").save(folder / f"{i:06d}.png")
         records.append({"id": i + 1, "file_name": f"{i:06d}.png", "width": size, "height": size})

@@ -1,9 +1,13 @@
 """DINO training images/s, three ways, in one process (machines here are noisy: read the ratios).
 
   (a) bcssl end to end: uint8 batches -> batched multi-crop on the device -> DINO step
+      (image folders: crops cut from the original images in the loader's data.workers, the
+      photometric part batched on the device; on the CPU with workers, batched in the workers,
+      as the trainer does)
   (b) the model alone on pre-made crops (the compute ceiling of (a))
   (c) the usual reference pipeline: per-image torchvision/PIL multi-crop (DINO's
       DataAugmentationDINO) in DataLoader workers -> the same DINO step, same crops and batch
+      (image folders: each file opened with PIL and converted to RGB, as torchvision's ImageFolder)
 
 The three are measured in interleaved rounds and each reports its median.
 
@@ -17,6 +21,8 @@ the same interleaved rounds and reported as a ratio to that plain row:
     compile         the student's backbone and head torch.compile'd in place (train.compile_backend)
     bf16 / fp16     autocast; fp16 with a GradScaler (CUDA only)
     fused           fused AdamW (one kernel for all parameters)
+    full_kernel     BC-SSL's depthwise convs with their whole k x k kernel on every map (the code
+                    before the kernel was cut to the taps that reach a pixel of small maps)
 
 Join options with '+' for a combined row (``channels_last+bf16+fused``). ``--only-options``
 skips (a)-(c).
@@ -33,6 +39,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 
 import torch
 
@@ -42,9 +49,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from pil_multicrop import DataAugmentationDINO  # noqa: E402
 
 from bcssl.config import load_config  # noqa: E402
-from bcssl.data import BatchLoader, build_dataset  # noqa: E402
+from bcssl.data import BatchLoader, WorkerPhotometric, pretraining_dataset  # noqa: E402
+from bcssl.data.multicrop import multicrop_from_config  # noqa: E402
 from bcssl.engine.runtime import build_method, param_groups, step_seed  # noqa: E402
-from bcssl.engine.trainer import compile_student, multicrop_from_config  # noqa: E402
+from bcssl.engine.trainer import compile_student  # noqa: E402
 
 
 class PILDataset(torch.utils.data.Dataset):
@@ -68,6 +76,24 @@ class PILDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return self.aug(self.pil[i % len(self.pil)])
+
+
+class FilePILDataset(torch.utils.data.Dataset):
+    """The reference for image files: torchvision ImageFolder's loader (``Image.open(f).convert("RGB")``)
+    then DataAugmentationDINO, one file at a time; ``length`` repeats the files as in PILDataset."""
+
+    def __init__(self, paths: list[str], aug: DataAugmentationDINO, length: int | None = None):
+        self.paths, self.aug, self.length = list(paths), aug, length or len(paths)
+
+    def __len__(self):
+        return self.length
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with open(self.paths[i % len(self.paths)], "rb") as f:
+            img = Image.open(f).convert("RGB")
+        return self.aug(img)
 
 
 def reference_batches(measured: int, workers: int, prefetch_factor: int = 2) -> int:
@@ -98,7 +124,19 @@ def make_step(method, cfg, memory_format, autocast, fused: bool | None = None, s
     return step
 
 
-OPTIONS = ("channels_last", "compile", "bf16", "fp16", "fused")
+OPTIONS = ("channels_last", "compile", "bf16", "fp16", "fused", "full_kernel")
+
+
+def with_full_kernel(step):
+    """``step`` with every depthwise conv run on its whole kernel (``full_kernel`` rows)."""
+    from unittest import mock
+
+    from bcssl.models import bcssl_convnext
+
+    def run(crops, i):
+        with mock.patch.object(bcssl_convnext, "depthwise_conv", lambda conv, x: conv(x)):
+            return step(crops, i)
+    return run
 
 
 def parse_options(text: str, device: torch.device) -> tuple[list[tuple[str, set]], list[str]]:
@@ -116,6 +154,11 @@ def parse_options(text: str, device: torch.device) -> tuple[list[tuple[str, set]
             continue
         rows.append((item, flags))
     return rows, notes
+
+
+def _sig(x: float) -> float:
+    """4 significant digits: a CPU at 224 px can make a few hundredths of an image per second."""
+    return float(f"{x:.4g}")
 
 
 def timed(fn, it, steps: int, batch_size: int, step0: int) -> float:
@@ -143,7 +186,7 @@ def interleaved(pipelines: dict, warmup: int, steps: int, rounds: int, batch_siz
     return {name: statistics.median(v) for name, v in rates.items()}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="demo_fmnist")
     ap.add_argument("--steps", type=int, default=4, help="steps per measurement")
@@ -160,7 +203,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("overrides", nargs="*")
-    args = ap.parse_intermixed_args()  # KEY=VALUE overrides may come between the options
+    args = ap.parse_intermixed_args(argv)  # KEY=VALUE overrides may come between the options
     over = list(args.overrides)
     if args.batch:
         over.append(f"train.batch_size={args.batch}")
@@ -181,31 +224,45 @@ def main() -> None:
     def amp_scaler():  # fp16 trains with a GradScaler, as the trainer does
         return torch.amp.GradScaler(device.type) if cfg.train.amp == "fp16" else None
 
-    data = build_dataset(cfg.data.name, root=cfg.data.root, split=cfg.data.split, load_size=cfg.data.load_size,
-                         decode_on_device=cfg.data.get("decode_on_device", False))
-    loader = BatchLoader(data, B, seed=0, limit=B * n, workers=cfg.data.workers, decode_device=device,
-                         pin_memory=device.type == "cuda")
+    data = pretraining_dataset(cfg)
     multicrop = multicrop_from_config(cfg.crops)
+    # Image files are cut into crops by data.workers loader workers: like (c)'s, their queue must
+    # still be full when the clock stops (reference_batches), so the loader gets that many batches.
+    files = hasattr(data, "crop_item")
+    limit = B * (reference_batches(n, cfg.data.workers) if files else n)
+    # as the trainer: on the CPU with workers, the workers finish the crops too (CropBatch.views)
+    in_workers = device.type == "cpu" and cfg.data.workers > 0 and not cfg.data.decode_on_device
+    loader = BatchLoader(data, B, seed=0, limit=min(limit, len(data)), workers=cfg.data.workers, crops=multicrop.cfg,
+                         decode_device=device, pin_memory=device.type == "cuda",
+                         photometric=WorkerPhotometric(multicrop.cfg, partial(step_seed, 0), B) if in_workers else None)
+
+    def crops_of(batch, i):
+        if loader.makes_crops:
+            batch = batch.to(device)
+            return batch.views or multicrop.from_crops(batch.groups, step_seed(0, i), batch.positions, B)
+        return multicrop(batch[0].to(device), step_seed(0, i))
 
     def fresh_method():
         torch.manual_seed(0)
         return build_method(cfg).to(device=device, memory_format=mf).train()
 
     pipelines = {}
-    pre = [multicrop(batch[0].to(device), step_seed(0, i)) for i, batch in enumerate(loader.epoch(0))]
+    pre = [crops_of(batch, i) for i, batch in zip(range(n), loader.epoch(0))]
     if not args.only_options:
-        # (a) end to end: uint8 batches -> multi-crop on the device -> step
+        # (a) end to end: uint8 batches (or crops cut in the workers) -> multi-crop on the device -> step
         step_a = make_step(fresh_method(), cfg, mf, autocast, scaler=amp_scaler())
-        pipelines["a"] = (lambda batch, i: step_a(multicrop(batch[0].to(device), step_seed(0, i)), i),
-                          lambda: loader.epoch(0))
+        pipelines["a"] = (lambda batch, i: step_a(crops_of(batch, i), i), lambda: loader.epoch(0))
         # (b) model alone: the same crops, made before the clock starts
         pipelines["b"] = (make_step(fresh_method(), cfg, mf, autocast, scaler=amp_scaler()), lambda: iter(pre))
         # (c) reference: PIL multi-crop per image in DataLoader workers
-        images = torch.cat([x for x, _ in loader.epoch(0)])
         ref_len = B * reference_batches(n, args.workers)
-        ref = torch.utils.data.DataLoader(PILDataset(images, DataAugmentationDINO(multicrop.cfg), ref_len), batch_size=B,
-                                          num_workers=args.workers, drop_last=True, persistent_workers=False,
-                                          pin_memory=device.type == "cuda")
+        aug = DataAugmentationDINO(multicrop.cfg)
+        if files:
+            ref_data = FilePILDataset([data.path(i) for i in range(loader.num_items)], aug, ref_len)
+        else:
+            ref_data = PILDataset(torch.cat([x for x, _ in loader.epoch(0)]), aug, ref_len)
+        ref = torch.utils.data.DataLoader(ref_data, batch_size=B, num_workers=args.workers, drop_last=True,
+                                          persistent_workers=False, pin_memory=device.type == "cuda")
         step_c = make_step(fresh_method(), cfg, mf, autocast, scaler=amp_scaler())
         pipelines["c"] = (lambda crops, i: step_c([x.to(device, non_blocking=True) for x in crops], i),
                           lambda: iter(ref))
@@ -222,6 +279,8 @@ def main() -> None:
                   if amp else torch.autocast(device.type, enabled=False))
             scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
             step = make_step(method, cfg, fmt, ac, fused=True if "fused" in flags else None, scaler=scaler)
+            if "full_kernel" in flags:
+                step = with_full_kernel(step)
             pipelines[f"opt:{name}"] = (step, lambda: iter(pre))
     rates = interleaved(pipelines, args.warmup, args.steps, args.rounds, B)
 
@@ -232,12 +291,12 @@ def main() -> None:
           f"amp {cfg.train.amp}, channels_last {cfg.train.channels_last}")
     if not args.only_options:
         a, b, c = rates["a"], rates["b"], rates["c"]
-        result.update({"bcssl_end_to_end_img_s": round(a, 1), "model_only_img_s": round(b, 1),
-                       "pil_reference_img_s": round(c, 1), "end_to_end_over_model_only": round(a / b, 3),
+        result.update({"bcssl_end_to_end_img_s": _sig(a), "model_only_img_s": _sig(b),
+                       "pil_reference_img_s": _sig(c), "end_to_end_over_model_only": round(a / b, 3),
                        "end_to_end_over_pil_reference": round(a / c, 3)})
-        print(f"(a) bcssl end to end      {a:8.1f} img/s")
-        print(f"(b) model on ready crops  {b:8.1f} img/s")
-        print(f"(c) PIL reference ({args.workers} wk) {c:8.1f} img/s")
+        print(f"(a) bcssl end to end      {a:8.4g} img/s")
+        print(f"(b) model on ready crops  {b:8.4g} img/s")
+        print(f"(c) PIL reference ({args.workers} wk) {c:8.4g} img/s")
         print(f"(a)/(b) = {a / b:.3f}  (goal >= 0.90)    (a)/(c) = {a / c:.3f}  (goal >= 1.2)")
     if "opt:plain" in rates:
         plain = rates["opt:plain"]
@@ -253,6 +312,7 @@ def main() -> None:
         result["options_skipped"] = notes
     if args.json:
         print(json.dumps(result))
+    return result
 
 
 if __name__ == "__main__":

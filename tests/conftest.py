@@ -9,7 +9,7 @@ from bcssl.config import load_config
 
 TINY_MODEL = ["model.name=bcssl_atto", "model.dims=[8,16,32,64]", "model.depths=[1,1,1,1]",
               "model.stem_stride=2", "model.kernel_size=3", "model.drop_path_rate=0.1"]
-TINY_HEAD = ["method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16"]
+TINY_HEAD = ["method.dino.out_dim=64", "method.dino.hidden_dim=32", "method.dino.bottleneck_dim=16"]
 TINY_CROPS = ["crops.global_size=32", "crops.local_size=16", "crops.n_local=2",
               "crops.mean=[0.5,0.5,0.5]", "crops.std=[0.25,0.25,0.25]"]
 
@@ -62,12 +62,14 @@ def randomise(model, seed: int = 0):
 
 
 def tiny_config(tmp_path, data_root, *extra):
+    # the tiny DINO head only when the method is DINO: another method's keys are a config error
+    dino = not any(e.startswith("method.name=") and e != "method.name=dino" for e in extra)
     return load_config(None, [
         f"run.dir={tmp_path / 'runs'}", "run.name=tiny", f"data.root={data_root}", "data.workers=0",
-        *TINY_MODEL, *TINY_HEAD, *TINY_CROPS,
+        *TINY_MODEL, *(TINY_HEAD + ["method.dino.warmup_teacher_temp_epochs=1"] if dino else []), *TINY_CROPS,
         "train.epochs=2", "train.batch_size=16", "train.warmup_epochs=1", "train.progress=false",
         "train.channels_last=false", "train.log_every_steps=1", "log.backends=[csv]",
-        "method.warmup_teacher_temp_epochs=1", "eval.knn_every=0", "eval.batch_size=32", "threads=1",
+        "eval.knn_every=0", "eval.batch_size=32", "threads=1",
         *extra])
 
 

@@ -132,7 +132,7 @@ def test_every_eval_command_on_a_tiny_image_folder(tmp_path, capsys):
             for i in range(8):
                 Image.new("RGB", (40 + i, 36), tuple(max(0, v - 10 * i) for v in colour)).save(d / f"{i}.png")
     run = ["--config", "demo_fmnist", "data.name=image_folder", f"data.root={tmp_path / 'folder'}",
-           "data.eval_split=val", "data.load_size=36", f"run.dir={tmp_path}", "run.name=if", *FAST,
+           "data.eval_split=val", "eval.data.resize_size=36", "eval.data.crop_size=32", f"run.dir={tmp_path}", "run.name=if", *FAST,
            "train.batch_size=8"]
     assert main(["pretrain", *run]) == 0
     r = f"{tmp_path}/if"
@@ -218,3 +218,67 @@ def test_every_argument_has_help():
     # an evaluation's own options are added when it is the one chosen on the command line
     missing = [m for argv in [[]] + [["eval", n] for n in names()] for m in walk(build_parser(argv), "bcssl")]
     assert sorted(set(missing)) == []
+
+
+def test_unlabelled_pretraining_then_knn_with_a_labelled_set(tmp_path, capsys, caplog):
+    """A flat folder and a file list pre-train without labels (the k-NN monitor says it is off);
+    `bcssl eval knn` then takes a labelled set (eval.data.root); viz crops shows the crops."""
+    from PIL import Image
+
+    rng = __import__("numpy").random.default_rng(0)
+    flat, labelled = tmp_path / "flat", tmp_path / "labelled"
+    flat.mkdir()
+    for i in range(16):
+        Image.fromarray(rng.integers(0, 256, (4, 4, 3), dtype="uint8")).resize((40 + 3 * i, 60 - 2 * i)).save(
+            flat / f"{i}.jpg")
+    for split in ("train", "val"):
+        for c, colour in (("a", (200, 30, 30)), ("b", (30, 30, 200))):
+            (labelled / split / c).mkdir(parents=True)
+            for i in range(6):
+                Image.new("RGB", (40 + i, 36), tuple(max(0, v - 10 * i) for v in colour)).save(labelled / split / c / f"{i}.png")
+    (tmp_path / "list.txt").write_text("".join(f"{i}.jpg\n" for i in range(0, 16, 2)))
+    common = ["--config", "demo_fmnist", "data.name=image_folder", f"data.root={flat}", "data.eval_split=val",
+              f"run.dir={tmp_path}", "eval.data.resize_size=36", "eval.data.crop_size=32", *FAST, "train.batch_size=4"]
+    with caplog.at_level("WARNING", logger="bcssl"):
+        assert main(["pretrain", *common, "run.name=flatrun", "--json"]) == 0
+    out = last_json(capsys.readouterr().out)
+    assert out["images_seen"] == 16 and out["knn_top1"] is None
+    assert any(r.getMessage().startswith("k-NN monitor off: evaluations need class labels") for r in caplog.records)
+    assert main(["eval", "knn", f"{tmp_path}/flatrun"]) == 1
+    err = capsys.readouterr().err
+    assert "eval.data.root=DIR" in err and err.count("\n") == 1
+    assert main(["eval", "knn", f"{tmp_path}/flatrun", f"eval.data.root={labelled}", "--json"]) == 0
+    assert 0 <= last_json(capsys.readouterr().out)["knn_top1"] <= 100
+    # a file list (8 of the images), with the labelled set for the monitor from the start
+    assert main(["pretrain", *common, f"data.file_list={tmp_path / 'list.txt'}", f"eval.data.root={labelled}",
+                 "run.name=listrun", "--json"]) == 0
+    out = last_json(capsys.readouterr().out)
+    assert out["images_seen"] == 8 and 0 <= out["knn_top1"] <= 100
+    assert main(["eval", "knn", f"{tmp_path}/listrun", "--json"]) == 0
+    assert last_json(capsys.readouterr().out)["knn_top1"] == pytest.approx(out["knn_top1"])
+    # viz crops: a PNG, and every crop's box in the original image's pixels
+    png = tmp_path / "crops.png"
+    assert main(["viz", "crops", *common[:2], "crops.n_local=3", "--images", str(flat), "--n", "2", "--json",
+                 "--out", str(png)]) == 0
+    r = last_json(capsys.readouterr().out)
+    assert png.is_file() and r["png"] == str(png) and len(r["images"]) == 2
+    for entry in r["images"]:
+        assert (entry["width"], entry["height"]) == Image.open(entry["path"]).size
+        assert [c["kind"] for c in entry["crops"]] == ["global"] * 2 + ["local"] * 3
+        for c in entry["crops"]:
+            x0, y0, x1, y1 = c["box"]
+            assert 0 <= x0 < x1 <= entry["width"] and 0 <= y0 < y1 <= entry["height"] and isinstance(c["flip"], bool)
+
+
+def test_resume_with_another_config_is_one_line_and_resume_changed_continues(tmp_path, tiny_fmnist, capsys):
+    run = ["--config", "demo_fmnist", f"data.root={tiny_fmnist}", f"run.dir={tmp_path}", "run.name=r", *FAST,
+           "eval.final_knn=false", "eval.knn_every=0", "data.limit=32"]
+    assert main(["pretrain", *run]) == 0
+    capsys.readouterr()
+    assert main(["pretrain", *run, "model.kernel_size=5"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "model.kernel_size (3 -> 5)" in err and "Traceback" not in err
+    assert main(["pretrain", *run, "train.epochs=2", "--json"]) == 1
+    assert "--resume-changed" in capsys.readouterr().err
+    assert main(["pretrain", *run, "train.epochs=2", "--resume-changed", "--json"]) == 0
+    assert last_json(capsys.readouterr().out)["images_seen"] == 64

@@ -19,6 +19,12 @@ GRID = ["model.kernel_size=3,5", "model.dw_norm=ln,bn+ln"]
 
 def test_parse_grid_and_bad_grids():
     assert parse_grid(GRID) == {"model.kernel_size": ["3", "5"], "model.dw_norm": ["ln", "bn+ln"]}
+    # list values keep their commas; the run names spell them without brackets
+    grid = parse_grid(["model.kernel_size=9,[3,5,7,9]", "crops.global_scale=[0.6, 1.0]"])
+    assert grid == {"model.kernel_size": ["9", "[3,5,7,9]"], "crops.global_scale": ["[0.6, 1.0]"]}
+    from bcssl.sweep import Combination
+    combo = Combination(0, (("model.kernel_size", "[3,5,7,9]"), ("crops.global_scale", "[0.6, 1.0]")), 0)
+    assert combo.name == "kernel_size=3-5-7-9,global_scale=0.6-1.0,seed=0"
     for bad in (["model.kernel_size"], ["model.kernel_size="], ["a=1", "a=2"], ["model.kernel_size=3,3"]):
         with pytest.raises(ConfigError):
             parse_grid(bad)
@@ -125,3 +131,24 @@ def test_list_index_and_slurm_script(tmp_path, tiny_fmnist, capsys):
     script = (tmp_path / "s" / "sweep.sbatch").read_text()
     assert "#SBATCH --array=0-7" in script and "--nproc_per_node=4" in script
     assert '--index "$SLURM_ARRAY_TASK_ID" --train-only' in script
+
+
+def test_random_init_evaluation_gives_each_cell_its_gain(tmp_path, tiny_fmnist):
+    import torch
+
+    from bcssl.engine.runtime import build_method
+    from bcssl.eval.knn import KNNEvaluator
+
+    over = [f"data.root={tiny_fmnist}", *FAST]
+    sweep = Sweep("demo_fmnist", parse_grid(["model.kernel_size=3"]), overrides=over, out=tmp_path / "s",
+                  evals=["knn", "random_init"], cam=False)
+    summary = sweep.run(progress=False)
+    (combo,) = sweep.combinations
+    r = sweep.result(combo)
+    cfg = sweep.run_config(combo)
+    torch.manual_seed(0)  # the trainer's initialisation: seed 0, then build the method
+    untrained = build_method(cfg).eval_backbone("auto")
+    assert r["random_knn_top1"] == KNNEvaluator(cfg, "cpu", progress=False)(untrained)["top1"]
+    assert r["knn_gain_over_random"] == pytest.approx(r["knn_top1"] - r["random_knn_top1"])
+    report = open(summary["report"]).read()
+    assert "gain of pre-training over random initialisation" in report

@@ -1,6 +1,6 @@
 """Every configuration key of a run, with its default.
 
-Defaults follow the paper's ImageNet DINO recipe (PAPER.md section 2) so that a preset only states
+Defaults follow the paper's ImageNet DINO recipe (docs/recipe.md section 2) so that a preset only states
 what it changes; small-data presets override what the short-run regime needs.
 """
 from __future__ import annotations
@@ -21,18 +21,30 @@ class RunConfig:
 
 
 @dataclass
+class CanvasConfig:
+    """``data.name=fashion_mnist_canvas`` (bcssl/data/canvas.py): each Fashion-MNIST item on its own canvas."""
+    size: int = 64  # canvas side (px)
+    scale: List[float] = field(default_factory=lambda: [1.0, 2.0])  # item side / 28 px: 28-56 px
+    clutter: int = 0  # fragments of other items scattered around the item
+    seed: int = 0  # which canvases (positions, scales, clutter); train and test always differ
+
+
+@dataclass
 class DataConfig:
-    name: str = "fashion_mnist"  # fashion_mnist | image_folder | cifar10 | cifar100 | stl10
+    name: str = "fashion_mnist"  # fashion_mnist | fashion_mnist_canvas | image_folder | cifar10 | cifar100 | stl10
     root: Optional[str] = None  # None: the dataset's default location
     split: str = "train"
     eval_split: str = "test"  # the split k-NN queries come from ("val" for ImageNet folders)
     download: bool = False
     limit: Optional[int] = None  # use only the first N training images
     workers: int = 4
-    load_size: int = 256  # image_folder: shorter side resized + centre-cropped to this square
+    # image_folder: pre-train on the images listed in this text file (one path per line, relative to
+    # data.root) instead of the folder; unlabelled, like a flat folder
+    file_list: Optional[str] = None
     # image_folder: the loader decodes each batch of JPEG bytes on the training device
-    # (torchvision.io.decode_jpeg; nvJPEG on CUDA) instead of PIL in the workers
+    # (torchvision.io.decode_jpeg; nvJPEG on CUDA) and cuts the crops there, instead of PIL in the workers
     decode_on_device: bool = False
+    canvas: CanvasConfig = field(default_factory=CanvasConfig)
 
 
 @dataclass
@@ -46,13 +58,14 @@ class ModelConfig:
     drop_path_rate: float = 0.1  # student only; DINO builds the teacher without drop path
     depths: Optional[List[int]] = None  # override the variant's (tiny custom models)
     dims: Optional[List[int]] = None
-    # MoCo v3's random patch projection (vit_s16 only): patch embedding frozen at its random init.
-    random_patch_projection: bool = False
+    # ResNet-50 only: zero-init the last BN of every block (BYOL's and MoCo v3's init); None/false:
+    # torchvision's init (DINO, CARE)
+    zero_init_last: Optional[bool] = None
 
 
 @dataclass
-class MethodConfig:
-    name: str = "dino"
+class DINOConfig:
+    """``method.dino.*`` (methods/dino.py; facebookresearch/dino main_dino.py argument names)."""
     out_dim: int = 65536
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
@@ -64,19 +77,64 @@ class MethodConfig:
     teacher_temp: float = 0.07
     warmup_teacher_temp_epochs: int = 30
     center_momentum: float = 0.9
-    momentum_teacher: float = 0.996  # cosine -> 1
+    # DINO's successors, optional (the paper's DINO: centre, 0): centring = centre (EMA of the teacher's
+    # batch mean) | sinkhorn_knopp (DINOv2: the teacher's batch balanced over the prototypes);
+    # koleo_weight > 0 adds DINOv2's KoLeo regulariser on the student's global-view features (DINOv2: 0.1)
+    centering: str = "centre"
+    koleo_weight: float = 0.0
+    momentum_teacher: float = 0.996  # EMA base, cosine -> 1
     freeze_last_layer: int = 1  # epochs during which the head's last layer gets no update
-    # BYOL / MoCo v3 (methods/byol.py, methods/moco_v3.py); momentum_teacher is their EMA base
-    # (0.99 in MoCo v3 and the paper's BYOL/CARE recipes: presets set it).
+
+
+@dataclass
+class BYOLConfig:
+    """``method.byol.*`` (methods/byol.py; deepmind-research/byol)."""
+    momentum: float = 0.996  # base_target_ema, cosine -> 1 (BYOL: 0.996 for 1000 epochs, 0.99 for 300)
     proj_hidden_dim: int = 4096  # hidden width of the projector and predictor MLPs
     proj_dim: int = 256  # projector / predictor output
-    # CARE (methods/care.py): T-stream of BoTNet blocks on the CNN's stage-3 map
-    care_blocks: int = 5
-    care_heads: int = 4
-    care_pos_size: int = 14  # learned 2-D position embedding size (resized to the map)
-    care_lambda: float = 100.0  # weight of the T -> C supervision
-    moco_proj_layers: Optional[int] = None  # MoCo v3 projector depth; None: 3 for ViT, 2 for CNNs
-    moco_temperature: float = 1.0  # MoCo v3 InfoNCE temperature: 1.0 for CNNs, 0.2 for ViT
+
+
+@dataclass
+class MoCoV3Config:
+    """``method.moco_v3.*`` (methods/moco_v3.py; facebookresearch/moco-v3 main_moco.py)."""
+    momentum: float = 0.99  # --moco-m, cosine -> 1 (--moco-m-cos)
+    temperature: float = 1.0  # --moco-t: 1.0 for ResNet, 0.2 for ViT
+    proj_hidden_dim: int = 4096  # --moco-mlp-dim
+    proj_dim: int = 256  # --moco-dim
+    proj_layers: Optional[int] = None  # projector depth; None: 3 for a transformer (MoCo_ViT), 2 otherwise
+    stop_grad_conv1: bool = False  # --stop-grad-conv1: the patch projection frozen at its random init (ViT)
+
+
+@dataclass
+class CAREConfig:
+    """``method.care.*`` (methods/care.py; ChongjianGE/CARE models/care_module.py, resnet_care.py,
+    trans.py)."""
+    momentum: float = 0.99  # param_momentum, cosine -> 1
+    proj_hidden_dim: int = 4096  # hidden_dim of the projector / predictor MLPs
+    proj_dim: int = 256  # low_dim
+    lambda_fea: float = 100.0  # weight of the T -> C supervision
+    # T-stream = TransStack(dim=stage-3 width, fmap_size, dim_out=last-stage width, proj_factor,
+    # downsample, heads, num_layers=blocks, dim_head, rel_pos_emb=False)
+    blocks: int = 5
+    heads: int = 4
+    dim_head: int = 128
+    proj_factor: int = 4
+    fmap_size: int = 14  # side of the stage-3 map (224 px / 16); its absolute position embedding's size
+    downsample: bool = True  # the first block halves the map (stride-2 shortcut, 2x2 pool after attention)
+
+
+#: method name -> its section's dataclass (``method.<name>.*``)
+METHOD_SECTIONS = {"dino": DINOConfig, "byol": BYOLConfig, "moco_v3": MoCoV3Config, "care": CAREConfig}
+
+
+@dataclass
+class MethodConfig:
+    """``method.name`` picks the method; only its own section (``method.<name>.*``) may be set."""
+    name: str = "dino"
+    dino: DINOConfig = field(default_factory=DINOConfig)
+    byol: BYOLConfig = field(default_factory=BYOLConfig)
+    moco_v3: MoCoV3Config = field(default_factory=MoCoV3Config)
+    care: CAREConfig = field(default_factory=CAREConfig)
 
 
 @dataclass
@@ -100,6 +158,9 @@ class CropsConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 100
+    # the run's length in optimisation steps instead (None: epochs x steps per epoch); every
+    # schedule spans it and the last epoch ends early (bcssl demo sets it from its time budget)
+    steps: Optional[int] = None
     batch_size: int = 64  # per process; the global batch is batch_size x world size
     lr: float = 5e-4  # at a global batch of 256: lr = lr * global_batch / 256 (DINO)
     min_lr: float = 1e-6
@@ -120,6 +181,16 @@ class TrainConfig:
 
 
 @dataclass
+class EvalDataConfig:
+    """What the evaluations read when they differ from the pre-training data (image folders)."""
+    root: Optional[str] = None  # a labelled ImageFolder (class folders); None: data.root
+    # DINO's evaluation transform of the original image (eval_knn.py / eval_linear.py):
+    # Resize(resize_size) of the shorter side (bicubic) + CenterCrop(crop_size); image folders only
+    resize_size: int = 256
+    crop_size: int = 224
+
+
+@dataclass
 class EvalConfig:
     knn_every: int = 20  # epochs between k-NN monitor evaluations (0: only at the end)
     knn_k: int = 20
@@ -131,6 +202,7 @@ class EvalConfig:
     # the network every evaluation uses: auto (the method's paper: DINO's teacher, the online
     # encoder of BYOL / MoCo v3 / CARE), student (the optimised one) or teacher (the EMA one)
     encoder: str = "auto"
+    data: EvalDataConfig = field(default_factory=EvalDataConfig)
 
 
 @dataclass
@@ -194,7 +266,7 @@ class ThroughputConfig:
 @dataclass
 class DetectionConfig:
     """Mask R-CNN + FPN transfer (bcssl/eval/detection.py): the 3x recipe of Swin / ConvNeXt's
-    mmdetection configs (PAPER.md Table 4)."""
+    mmdetection configs (docs/recipe.md section 5, detection transfer)."""
     root: Optional[str] = None  # COCO layout: train2017/, val2017/, annotations/instances_*2017.json
     train_images: Optional[str] = None  # each of these four overrides its place under root
     train_annotations: Optional[str] = None
@@ -217,6 +289,15 @@ class DetectionConfig:
     amp: str = "none"  # none | bf16 | fp16 (CUDA, with a grad scaler; the mmdetection configs train in fp16)
     workers: int = 4
     checkpoint_every_steps: int = 1000  # plus one at every epoch end
+
+
+@dataclass
+class DemoConfig:
+    """``bcssl demo``: a wall-clock budget for the whole command (baselines, training, evaluation,
+    report). The demo times its first training steps and sets ``train.steps`` to fill the budget."""
+    budget_min: Optional[float] = None  # None: train for train.epochs, whatever the time
+    probe_steps: int = 6  # training steps timed to measure the speed (the first one is not counted)
+    margin: float = 0.05  # fraction of the budget kept free for the speed varying during the run
 
 
 @dataclass
@@ -247,4 +328,5 @@ class Config:
     cam: CamConfig = field(default_factory=CamConfig)
     throughput: ThroughputConfig = field(default_factory=ThroughputConfig)
     detection: DetectionConfig = field(default_factory=DetectionConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
     log: LogConfig = field(default_factory=LogConfig)

@@ -1,20 +1,28 @@
-"""Datasets that yield uint8 images for the batched, on-device multi-crop pipeline.
+"""Datasets of uint8 images: in-memory sets for the batched device path, image files for the workers.
 
 Every dataset here returns ``(image, label)`` with ``image`` a uint8 tensor ``(C, H, W)``
-(C = 1 for grayscale sets, 3 otherwise) and ``label`` an int, and exposes ``classes``,
-``num_classes`` and ``__len__``. Augmentation is *not* done here: it runs batched on the
-training device (``bcssl.data.multicrop``), so per-image Python work stays minimal.
+(C = 1 for grayscale sets, 3 otherwise) and ``label`` an int (-1: unlabelled), and exposes
+``classes``, ``num_classes`` and ``__len__``.
 
-- :class:`InMemoryImages` holds small sets (Fashion-MNIST, CIFAR, STL-10) as one tensor;
-  :class:`~bcssl.data.loader.BatchLoader` indexes it directly (no DataLoader).
-- :class:`ImageFolderDataset` decodes files lazily (ImageNet-style folders) to a fixed
-  ``load_size`` square so that batches stack; unreadable files give ``None``.
-- :func:`build_dataset` maps the config (``data.name``, ``data.root``, ...) to one of them.
+- :class:`InMemoryImages` holds small fixed-size sets (Fashion-MNIST, CIFAR, STL-10) as one
+  tensor; :class:`~bcssl.data.loader.BatchLoader` indexes it directly (no DataLoader) and the
+  whole multi-crop, geometry included, runs batched on the training device
+  (``bcssl.data.multicrop``). That is DINO's crop there: each image IS the original, so every
+  box is sampled over the whole image, and crops of 28-96 px images are upsampled (no antialias
+  is needed).
+- :class:`ImageFolderDataset` decodes files lazily (ImageNet-style class folders, a flat folder,
+  or a file list). For pre-training, each image's crop boxes are sampled over the original image
+  and cut where it is decoded, in the loader's workers (:mod:`bcssl.data.crops`); the photometric
+  part stays batched on the device. For evaluation it gives DINO's Resize(256) + CenterCrop(224).
+  Unreadable files give :class:`~bcssl.data.crops.Unreadable`; the loader drops and counts them.
+- :func:`pretraining_dataset` / :func:`dataset_from_config` map a run's config to the set it
+  pre-trains on / the labelled set its evaluations read.
 """
 
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import warnings
 from pathlib import Path
@@ -22,7 +30,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL.Image import DecompressionBombError
 from torch.utils.data import Dataset
+
+from .crops import DRAFT_MARGIN, CropItem, Unreadable, crop_boxes, cut_crops, draft_pixels, open_rgb
+
+log = logging.getLogger("bcssl")
 
 __all__ = [
     "DatasetNotFoundError",
@@ -35,6 +48,14 @@ __all__ = [
     "load_fashion_mnist",
     "load_torchvision",
     "build_dataset",
+    "pretraining_dataset",
+    "dataset_from_config",
+    "train_and_eval_sets",
+    "eval_image_size",
+    "evaluation_labels_missing",
+    "probe_readable",
+    "UnlabelledDataError",
+    "UnreadableDataError",
 ]
 
 
@@ -258,15 +279,21 @@ IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
 
 _IMAGE_FOLDER_LAYOUT = (
     "expected an ImageFolder layout: <root>/<class_name>/<image>.jpg (one folder per class), "
-    "optionally split as <root>/train/<class_name>/... and <root>/val/<class_name>/..."
+    "optionally split as <root>/train/<class_name>/... and <root>/val/<class_name>/..., or, for "
+    "pre-training, a flat folder of images or data.file_list"
 )
+
+#: What PIL raises for a file it cannot decode (OSError covers UnidentifiedImageError and
+#: "image file is truncated"; DecompressionBombError: more than twice Image.MAX_IMAGE_PIXELS).
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, MemoryError, DecompressionBombError)
 
 
 def _scan_files(directory: str, extensions: tuple[str, ...]) -> list[str]:
     """All files below ``directory`` with a matching extension, sorted, recursive.
 
     os.scandir gives the file type without a stat per entry, which keeps ImageNet-sized
-    folders (1.3M files) quick to index; no image is opened here.
+    folders (1.3M files) quick to index; no image is opened here. Only regular files (and links
+    to them) count: a FIFO named x.jpg would block a worker forever.
     """
     out: list[str] = []
     stack = [directory]
@@ -279,109 +306,183 @@ def _scan_files(directory: str, extensions: tuple[str, ...]) -> list[str]:
                     continue
                 if e.is_dir():
                     subdirs.append(e.path)
-                elif e.name.lower().endswith(extensions):
+                elif e.name.lower().endswith(extensions) and e.is_file():
                     out.append(e.path)
         stack.extend(sorted(subdirs, reverse=True))
     out.sort()
     return out
 
 
+def _class_folders(root: Path) -> list[str]:
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
+def _split_root(root: Path, split: str) -> Path:
+    """``root/<split>`` when root has both train/ and val/, else root itself."""
+    if not root.is_dir():
+        raise DatasetNotFoundError(f"image folder {root} does not exist; {_IMAGE_FOLDER_LAYOUT}")
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        if not (root / split).is_dir():
+            raise DatasetNotFoundError(f"{root} has train/ and val/ but no {split}/; {_IMAGE_FOLDER_LAYOUT}")
+        return root / split
+    return root
+
+
 class ImageFolderDataset(Dataset):
-    """Images in ``root/<class>/<file>`` (torchvision ImageFolder layout), decoded lazily.
+    """Image files, decoded lazily with PIL: class folders, a flat folder, or a file list.
 
-    Classes are the sorted sub-folder names (hidden ones skipped); files are found
-    recursively below each class folder. Each image is decoded with PIL as RGB, resized so
-    its shorter side is ``load_size`` (bicubic, antialiased) and center-cropped to
-    ``load_size x load_size``: a fixed size so batches stack and the device-side multi-crop
-    can crop from them. An unreadable or truncated file gives ``None`` from ``__getitem__``
-    (the loader drops and counts it) instead of crashing a long run.
+    Layouts (``root/train`` and ``root/val`` both present: ``root/<split>`` is used):
 
-    If ``root/train`` and ``root/val`` both exist, ``root/<split>`` is used; otherwise
-    ``root`` itself, whatever ``split`` says.
+    - ``root/<class>/<file>`` (torchvision ImageFolder): classes are the sorted sub-folder names
+      (hidden ones skipped), files are found recursively below each; labels = class indices.
+    - a flat folder (images, no sub-folders): unlabelled, every label -1, ``classes == []``.
+    - ``file_list`` (config ``data.file_list``): a text file with one image path per line,
+      relative to ``root`` (absolute paths work too; blank lines and ``#`` comments are skipped):
+      unlabelled. A relative list path is read from the current directory, else from ``root``.
 
-    ``decode_on_device=True`` (config ``data.decode_on_device``): ``__getitem__`` returns a
-    JPEG file's raw bytes (1-D uint8; other formats are still decoded here), and the loader
-    decodes each batch at once with :meth:`decode_batch` on the training device
-    (``torchvision.io.decode_jpeg``: nvJPEG on CUDA), then resizes and crops it there. A file
-    that fails to decode there is dropped and counted like an unreadable one.
+    Pre-training needs no labels; evaluations need a labelled set (:attr:`labelled`).
+
+    Items:
+
+    - ``dataset[i]`` (evaluation): DINO's evaluation transform of the ORIGINAL image,
+      ``Resize(resize_size, bicubic)`` + ``CenterCrop(crop_size)`` (torchvision functional on the
+      PIL image, as facebookresearch/dino ``eval_knn.py``/``eval_linear.py``): uint8
+      ``(3, crop_size, crop_size)`` and the label. ``load_size=s`` means ``resize = crop = s``.
+    - :meth:`crop_item` (pre-training): the multi-crops of the original image
+      (:mod:`bcssl.data.crops`), for the loader's workers.
+
+    A file that cannot be decoded gives :class:`~bcssl.data.crops.Unreadable` (path and reason)
+    instead of crashing a long run; the loader drops and counts it. Images are converted to RGB
+    (CMYK, grayscale, palette and alpha as torchvision's loader; 16-bit grayscale scaled to 8
+    bits); large JPEGs are decoded at reduced scale (:func:`bcssl.data.crops.open_rgb`).
+
+    ``decode_on_device=True`` (config ``data.decode_on_device``, pre-training): :meth:`read`
+    returns a JPEG file's raw bytes (other formats are decoded here, at full size), and the
+    loader decodes each batch on the training device (:meth:`decode_batch`: nvJPEG on CUDA),
+    then cuts the same crop boxes there.
 
     Raises:
-        DatasetNotFoundError: missing root, no class folders, or no images.
+        DatasetNotFoundError: missing root or list, or no images.
     """
 
     def __init__(
         self,
         root: str | os.PathLike,
-        load_size: int = 256,
+        resize_size: int = 256,
+        crop_size: int = 224,
+        *,
+        load_size: int | None = None,
         extensions: Sequence[str] = IMG_EXTENSIONS,
         split: str = "train",
+        file_list: str | os.PathLike | None = None,
         decode_on_device: bool = False,
     ):
-        if int(load_size) < 1:
-            raise ValueError(f"load_size must be >= 1, got {load_size}")
-        self.load_size = int(load_size)
+        if load_size is not None:
+            resize_size = crop_size = load_size
+        if int(resize_size) < 1 or int(crop_size) < 1:
+            raise ValueError(f"resize and crop sizes must be >= 1, got {resize_size}, {crop_size}")
+        self.resize_size, self.crop_size = int(resize_size), int(crop_size)
         self.decode_on_device = bool(decode_on_device)
         self.extensions = tuple(e.lower() if e.startswith(".") else "." + e.lower() for e in extensions)
         self.split = split
-        self.root = self._resolve_root(Path(root), split)
-
-        self.classes = sorted(
-            e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith(".")
-        )
-        if not self.classes:
-            raise DatasetNotFoundError(f"no class folders in {self.root}; {_IMAGE_FOLDER_LAYOUT}")
+        self.file_list = None
+        if file_list is not None:
+            self.root = Path(root)
+            if not self.root.is_dir():
+                raise DatasetNotFoundError(f"data.root {self.root} (the folder data.file_list paths are relative "
+                                           "to) does not exist")
+            self.file_list = self._find_list(Path(file_list), self.root)
+            rel = self._read_list(self.file_list)
+            self.classes, targets = [], [-1] * len(rel)
+        else:
+            self.root = _split_root(Path(root), split)
+            self.classes = _class_folders(self.root)
+            rel, targets = self._scan(self.root, self.classes)
         self.class_to_idx = {c: i for i, c in enumerate(self.classes)}
-
         # Paths are kept as one byte buffer + offsets rather than a list of str: with
         # DataLoader workers, touching millions of Python objects copies pages (refcounts)
         # in every forked worker; numpy buffers stay shared.
-        chunks: list[bytes] = []
-        targets: list[int] = []
-        empty = []
-        root_str = str(self.root)
-        for idx, c in enumerate(self.classes):
-            files = _scan_files(os.path.join(root_str, c), self.extensions)
-            if not files:
-                empty.append(c)
-            chunks += [os.fsencode(os.path.relpath(f, root_str)) for f in files]
-            targets += [idx] * len(files)
-        if not chunks:
-            raise DatasetNotFoundError(
-                f"no images with extensions {', '.join(self.extensions)} in the class folders of "
-                f"{self.root}; {_IMAGE_FOLDER_LAYOUT}"
-            )
-        if empty:
-            warnings.warn(
-                f"{self.root}: {len(empty)} class folder(s) without images (kept as classes so "
-                f"label indices match the folder list): {', '.join(empty[:5])}"
-                + (" ..." if len(empty) > 5 else ""),
-                stacklevel=2,
-            )
+        chunks = [os.fsencode(p) for p in rel]
         lengths = np.fromiter((len(b) for b in chunks), dtype=np.int64, count=len(chunks))
         self._offsets = np.concatenate([[0], np.cumsum(lengths)])
         self._paths = np.frombuffer(b"".join(chunks), dtype=np.uint8)
         self.targets = np.asarray(targets, dtype=np.int64)
 
+    def _scan(self, root: Path, classes: list[str]) -> tuple[list[str], list[int]]:
+        root_str = str(root)
+        if not classes:  # a flat folder: unlabelled
+            files = _scan_files(root_str, self.extensions)
+            if not files:
+                raise DatasetNotFoundError(f"no images with extensions {', '.join(self.extensions)} in "
+                                           f"{root}; {_IMAGE_FOLDER_LAYOUT}")
+            return [os.path.relpath(f, root_str) for f in files], [-1] * len(files)
+        rel: list[str] = []
+        targets: list[int] = []
+        empty = []
+        for idx, c in enumerate(classes):
+            files = _scan_files(os.path.join(root_str, c), self.extensions)
+            if not files:
+                empty.append(c)
+            rel += [os.path.relpath(f, root_str) for f in files]
+            targets += [idx] * len(files)
+        if not rel:
+            raise DatasetNotFoundError(
+                f"no images with extensions {', '.join(self.extensions)} in the class folders of "
+                f"{root}; {_IMAGE_FOLDER_LAYOUT}")
+        if empty:
+            warnings.warn(
+                f"{root}: {len(empty)} class folder(s) without images (kept as classes so "
+                f"label indices match the folder list): {', '.join(empty[:5])}"
+                + (" ..." if len(empty) > 5 else ""),
+                stacklevel=3,
+            )
+        loose = [e.name for e in os.scandir(root_str) if e.name.lower().endswith(self.extensions) and e.is_file()]
+        if loose:  # a flat folder with a stray sub-folder would otherwise silently lose its images
+            log.warning("%s: %d image(s) directly in the folder are not used: it has sub-folders (%s), which are "
+                        "read as class folders", root, len(loose),
+                        ", ".join(classes[:3]) + (" ..." if len(classes) > 3 else ""))
+        return rel, targets
+
     @staticmethod
-    def _resolve_root(root: Path, split: str) -> Path:
-        if not root.is_dir():
-            raise DatasetNotFoundError(f"image folder {root} does not exist; {_IMAGE_FOLDER_LAYOUT}")
-        if (root / "train").is_dir() and (root / "val").is_dir():
-            if not (root / split).is_dir():
-                raise DatasetNotFoundError(
-                    f"{root} has train/ and val/ but no {split}/; {_IMAGE_FOLDER_LAYOUT}"
-                )
-            return root / split
-        return root
+    def _find_list(path: Path, root: Path) -> Path:
+        if path.is_file():
+            return path
+        if not path.is_absolute() and (root / path).is_file():
+            return root / path
+        raise DatasetNotFoundError(f"data.file_list {path} not found (looked in the current directory and in "
+                                   f"data.root {root}); expected a text file with one image path per line, "
+                                   "relative to data.root")
+
+    @staticmethod
+    def _read_list(path: Path) -> list[str]:
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise DatasetNotFoundError(f"data.file_list {path} cannot be read as text ({e})") from None
+        rel = [s.strip() for s in lines if s.strip() and not s.lstrip().startswith("#")]
+        if not rel:
+            raise DatasetNotFoundError(f"data.file_list {path} lists no images; expected one path per line, "
+                                       "relative to data.root")
+        return rel
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     @property
+    def labelled(self) -> bool:
+        """Whether items carry class labels (class folders) or -1 (flat folder, file list)."""
+        return bool(self.classes)
+
+    @property
     def image_shape(self) -> tuple[int, int, int]:
-        """``(3, load_size, load_size)``: the shape of every decoded image."""
-        return (3, self.load_size, self.load_size)
+        """``(3, crop_size, crop_size)``: the shape of every evaluation item."""
+        return (3, self.crop_size, self.crop_size)
+
+    @property
+    def eval_transform(self) -> str:
+        """The evaluation preprocessing, for feature-cache keys."""
+        return f"resize{self.resize_size}-centercrop{self.crop_size}"
 
     def __len__(self) -> int:
         return len(self.targets)
@@ -391,63 +492,65 @@ class ImageFolderDataset(Dataset):
         rel = self._paths[self._offsets[i] : self._offsets[i + 1]].tobytes()
         return os.path.join(str(self.root), os.fsdecode(rel))
 
+    def open(self, i: int, **draft):
+        """Item ``i`` as an RGB PIL image and the file's (width, height); raises on a bad file."""
+        return open_rgb(self.path(i), **draft)
+
     def load(self, i: int) -> torch.Tensor:
-        """Decode item ``i`` to uint8 ``(3, load_size, load_size)``; raises on a bad file."""
-        from PIL import Image
+        """Item ``i`` with the evaluation transform -> uint8 ``(3, crop, crop)``; raises on a bad file."""
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
 
-        s = self.load_size
-        with Image.open(self.path(i)) as img:
-            # JPEG: let libjpeg decode at a reduced scale that still covers s x s (much
-            # faster for large photos; no effect on other formats).
-            img.draft("RGB", (s, s))
-            img = img.convert("RGB")
-            w, h = img.size
-            # Resize-shorter-side-then-center-crop in one step: resample only the central
-            # square (float box keeps it exact) to s x s. PIL's resize is antialiased.
-            m = min(w, h)
-            box = ((w - m) / 2, (h - m) / 2, (w + m) / 2, (h + m) / 2)
-            img = img.resize((s, s), Image.Resampling.BICUBIC, box=box)
-            arr = np.array(img, dtype=np.uint8)  # copy: writable, (s, s, 3)
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+        img, _ = self.open(i, min_side=round(DRAFT_MARGIN * self.resize_size))
+        img = TF.center_crop(TF.resize(img, self.resize_size, InterpolationMode.BICUBIC), self.crop_size)
+        return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
-    def read(self, i: int) -> torch.Tensor:
-        """Item ``i`` for device decoding: a JPEG file's bytes as 1-D uint8 (told by its magic
-        number, not its name), any other format decoded by :meth:`load`; raises on a bad file."""
-        with open(self.path(i), "rb") as f:
-            data = f.read()
-        if data[:3] == _JPEG_MAGIC:
-            return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-        return self.load(i)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | None:
-        from PIL import Image
-
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int] | Unreadable:
         try:
-            image = self.read(i) if self.decode_on_device else self.load(i)
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError):
-            # OSError covers PIL's UnidentifiedImageError and "image file is truncated".
-            return None
-        return image, int(self.targets[i])
+            return self.load(i), int(self.targets[i])
+        except _DECODE_ERRORS as e:
+            return Unreadable(self.path(i), _reason(e))
 
-    def decode_batch(self, items: Sequence[torch.Tensor], device: torch.device | str = "cpu"
-                     ) -> tuple[torch.Tensor, list[int]]:
-        """Decode a batch of :meth:`read` results on ``device`` -> ``(uint8 (N, 3, s, s), bad)``.
+    def crop_item(self, i: int, seed: int, cfg) -> CropItem | Unreadable:
+        """Item ``i``'s pre-training crops (``cfg``: a ``MultiCropConfig``), boxes from ``seed``
+        (:func:`~bcssl.data.crops.crop_seed`), or :class:`~bcssl.data.crops.Unreadable`."""
+        try:
+            img, size = self.open(i, min_pixels=draft_pixels(cfg))
+            boxes = crop_boxes(seed, size[0], size[1], cfg)
+            groups = cut_crops(img, boxes, size, cfg)
+        except _DECODE_ERRORS as e:
+            return Unreadable(self.path(i), _reason(e))
+        return CropItem(groups, torch.tensor(boxes, dtype=torch.int64).view(-1, 4), size, img.size,
+                        int(self.targets[i]))
+
+    def read(self, i: int) -> torch.Tensor | Unreadable:
+        """Item ``i`` for device decoding: a JPEG file's bytes as 1-D uint8 (told by its magic
+        number, not its name), any other format decoded here as uint8 ``(3, H, W)`` at full size."""
+        try:
+            with open(self.path(i), "rb") as f:
+                data = f.read()
+            if data[:3] == _JPEG_MAGIC:
+                return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            img, _ = self.open(i)
+            return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+        except _DECODE_ERRORS as e:
+            return Unreadable(self.path(i), _reason(e))
+
+    @staticmethod
+    def decode_batch(items: Sequence[torch.Tensor], device: torch.device | str = "cpu"
+                     ) -> list[torch.Tensor | str]:
+        """Decode a batch of :meth:`read` results on ``device``: uint8 ``(3, H, W)`` per item, or
+        the reason it failed.
 
         JPEG bytes go through ONE ``torchvision.io.decode_jpeg(list, device=...)`` call (on CUDA
-        a batched nvJPEG decode; if it fails, each image is retried alone to find the bad ones),
-        then each is cut to its central square (at whole pixels; PIL's box is off by half a
-        pixel when ``w - h`` is odd) and resized to ``s x s`` there (bicubic, antialiased, as
-        PIL). Already decoded items are just moved. ``bad`` lists the positions in ``items``
-        that failed to decode; the images of the others come in their order.
+        a batched nvJPEG decode; if it fails, each image is retried alone to find the bad ones);
+        already decoded items are just moved.
         """
         from torchvision.io import ImageReadMode, decode_jpeg
 
         device = torch.device(device)
-        out: list[torch.Tensor | None] = [None] * len(items)
+        out: list = [t.to(device, non_blocking=True) if t.dim() == 3 else None for t in items]
         jpeg = [k for k, t in enumerate(items) if t.dim() == 1]
-        for k, t in enumerate(items):
-            if t.dim() == 3:
-                out[k] = t.to(device, non_blocking=True)
         with warnings.catch_warnings():  # torchvision 0.29 deprecates its image io for TorchCodec
             warnings.simplefilter("ignore", DeprecationWarning)
             try:
@@ -457,20 +560,17 @@ class ImageFolderDataset(Dataset):
                 for k in jpeg:
                     try:
                         decoded.append(decode_jpeg(items[k], mode=ImageReadMode.RGB, device=device))
-                    except RuntimeError:
-                        decoded.append(None)
+                    except RuntimeError as e:
+                        decoded.append(f"RuntimeError: {str(e).splitlines()[0]}")
         for k, img in zip(jpeg, decoded):
-            out[k] = None if img is None else _center_square(img, self.load_size)
-        bad = [k for k, img in enumerate(out) if img is None]
-        good = [img for img in out if img is not None]
-        if not good:
-            return torch.empty((0, *self.image_shape), dtype=torch.uint8, device=device), bad
-        return torch.stack(good), bad
+            out[k] = img
+        return out
 
     def __repr__(self) -> str:
+        source = f"file_list={str(self.file_list)!r}, " if self.file_list else ""
         return (
-            f"ImageFolderDataset(root={str(self.root)!r}, n={len(self)}, "
-            f"num_classes={self.num_classes}, load_size={self.load_size}"
+            f"ImageFolderDataset(root={str(self.root)!r}, {source}n={len(self)}, "
+            f"num_classes={self.num_classes}, eval={self.eval_transform}"
             + (", decode_on_device=True)" if self.decode_on_device else ")")
         )
 
@@ -478,18 +578,32 @@ class ImageFolderDataset(Dataset):
 _JPEG_MAGIC = b"\xff\xd8\xff"
 
 
-def _center_square(img: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 (3, H, W) -> its central square resized to (3, size, size), on the image's device."""
-    import torch.nn.functional as F
+def _reason(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".rstrip(": ")
 
-    _, h, w = img.shape
-    m = min(h, w)
-    top, left = (h - m) // 2, (w - m) // 2
-    sq = img[:, top:top + m, left:left + m]
-    if m == size:
-        return sq.contiguous()
-    x = F.interpolate(sq[None].float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return x[0].round_().clamp_(0, 255).to(torch.uint8)
+
+class UnreadableDataError(ValueError):
+    """None of the files tried could be decoded: training would only skip them."""
+
+
+def probe_readable(dataset, tries: int = 32) -> None:
+    """Raise :class:`UnreadableDataError` when none of ``tries`` files spread over ``dataset``
+    (all of them when it has no more) can be decoded: such a folder would "train" empty epochs.
+
+    The files tried depend only on the dataset's length, so every process decides the same.
+    """
+    n = len(dataset)
+    picks = sorted(set(np.linspace(0, n - 1, min(n, tries)).round().astype(int).tolist())) if n else []
+    first = None
+    for i in picks:
+        try:
+            dataset.open(i, min_side=8)
+            return
+        except _DECODE_ERRORS as e:
+            first = first or f"{dataset.path(i)}: {_reason(e)}"
+    what = f"any of its {n} images" if len(picks) == n else f"any of {len(picks)} images spread over its {n}"
+    raise UnreadableDataError(f"{getattr(dataset, 'root', 'the dataset')}: could not decode {what} "
+                              f"(first: {first}); check data.root / data.file_list")
 
 
 # ----------------------------------------------------------------------------- torchvision sets
@@ -551,7 +665,7 @@ def load_torchvision(
 
 # ----------------------------------------------------------------------------- factory
 
-DATASET_NAMES = ("fashion_mnist", "image_folder", "cifar10", "cifar100", "stl10")
+DATASET_NAMES = ("fashion_mnist", "fashion_mnist_canvas", "image_folder", "cifar10", "cifar100", "stl10")
 
 
 def build_dataset(
@@ -559,15 +673,22 @@ def build_dataset(
     root: str | os.PathLike | None = None,
     split: str = "train",
     download: bool = False,
-    load_size: int = 256,
+    *,
+    file_list: str | os.PathLike | None = None,
+    resize_size: int = 256,
+    crop_size: int = 224,
+    load_size: int | None = None,
     decode_on_device: bool = False,
+    canvas=None,
 ) -> Dataset:
     """Dataset for config ``data.name`` / ``data.root`` / ``data.download``.
 
-    ``name``: fashion_mnist | image_folder | cifar10 | cifar100 | stl10 ('-' is read as '_').
-    ``load_size`` and ``decode_on_device`` (``data.decode_on_device``: JPEG bytes, decoded per
-    batch by the loader on its ``decode_device``) apply to image_folder only; image_folder
-    needs ``root``.
+    ``name``: fashion_mnist | fashion_mnist_canvas | image_folder | cifar10 | cifar100 | stl10
+    ('-' is read as '_'). ``canvas`` (``data.canvas``: size, scale, clutter, seed) applies to
+    fashion_mnist_canvas (:mod:`bcssl.data.canvas`), whose ``root`` is Fashion-MNIST's.
+    image_folder only (it needs ``root``): ``file_list`` (``data.file_list``), the evaluation
+    transform ``resize_size`` / ``crop_size`` (``load_size`` sets both) and ``decode_on_device``
+    (``data.decode_on_device``).
 
     Raises:
         ValueError: unknown name (lists the valid ones), or image_folder without root.
@@ -576,22 +697,102 @@ def build_dataset(
     key = str(name).lower().replace("-", "_")
     if key == "fashion_mnist":
         return load_fashion_mnist(root, split=split, download=download)
+    if key == "fashion_mnist_canvas":
+        from .canvas import load_fashion_mnist_canvas
+
+        if download:  # fetch the source items first; the canvases are drawn from them
+            load_fashion_mnist(root, split=split, download=True)
+        return load_fashion_mnist_canvas(root, split, **dict(canvas or {}))
     if key == "image_folder":
         if root is None:
-            raise ValueError("data.name=image_folder needs data.root (the folder of class folders)")
-        return ImageFolderDataset(root, load_size=load_size, split=split, decode_on_device=decode_on_device)
+            raise ValueError("data.name=image_folder needs data.root (a folder of images or of class folders)")
+        return ImageFolderDataset(root, resize_size, crop_size, load_size=load_size, split=split,
+                                  file_list=file_list, decode_on_device=decode_on_device)
     if key in _TV_SPLITS:
         return load_torchvision(key, root, split=split, download=download)
     raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
 
 
-def dataset_from_config(data_cfg, split: str) -> Dataset:
-    """``split`` of a run's ``data.*`` dataset, decoded on the CPU (what the evaluations read)."""
-    return build_dataset(data_cfg.name, root=data_cfg.root, split=split, download=data_cfg.download,
-                         load_size=data_cfg.load_size)
+def pretraining_dataset(cfg) -> Dataset:
+    """The ``data.split`` set a run pre-trains on (``data.*``: a flat folder or file list is fine)."""
+    d = cfg.data
+    return build_dataset(d.name, root=d.root, split=d.split, download=d.download, file_list=d.file_list,
+                         decode_on_device=d.decode_on_device, canvas=d.canvas)
 
 
-def train_and_eval_sets(data_cfg) -> dict[str, Dataset]:
-    """``{data.split: ..., data.eval_split: ...}`` (one entry when they are the same split)."""
-    return {split: dataset_from_config(data_cfg, split) for split in dict.fromkeys((data_cfg.split,
-                                                                                  data_cfg.eval_split))}
+class UnlabelledDataError(ValueError):
+    """An evaluation was asked of a set without class labels; the message says how to give one."""
+
+
+def _sections(cfg):
+    """``(data, eval.data)`` of a run config; a bare ``data`` section gets eval.data's defaults."""
+    if "data" in cfg:
+        return cfg.data, cfg.eval.data
+    from bcssl.config.schema import EvalDataConfig
+
+    return cfg, EvalDataConfig()
+
+
+def _is_folder(data) -> bool:
+    return str(data.name).lower().replace("-", "_") == "image_folder"
+
+
+def evaluation_labels_missing(cfg) -> str | None:
+    """Why the evaluations of ``cfg`` would have no labels (a flat folder), or None. Cheap: looks
+    for class folders, opens no image; a missing folder is left for the evaluation to report."""
+    data, ev = _sections(cfg)
+    if not _is_folder(data):
+        return None
+    root = ev.root or data.root
+    for split in dict.fromkeys((data.split, data.eval_split)):
+        try:
+            folder = _split_root(Path(root), split)
+            if not _class_folders(folder):
+                return _unlabelled_message(folder, split, bool(ev.root))
+        except (DatasetNotFoundError, OSError, TypeError):
+            return None
+    return None
+
+
+def _unlabelled_message(folder, split: str, from_eval_root: bool) -> str:
+    where = "eval.data.root" if from_eval_root else "data.root"
+    return (f"evaluations need class labels, but the {split} images of {where} ({folder}) are a flat folder "
+            "without class folders; pass a labelled ImageFolder (<dir>/<class>/<image>, optionally with "
+            "train/ and val/) as eval.data.root=DIR")
+
+
+def dataset_from_config(cfg, split: str) -> Dataset:
+    """``split`` of the labelled set a run's evaluations read, decoded on the CPU.
+
+    ``cfg``: the run's config (a bare ``data`` section works too, with eval.data's defaults).
+    Image folders: ``eval.data.root`` (else ``data.root``; ``data.file_list`` is the pre-training
+    set only), with DINO's evaluation transform ``Resize(eval.data.resize_size)`` +
+    ``CenterCrop(eval.data.crop_size)`` of the original image. Other sets: as pre-training.
+
+    Raises:
+        UnlabelledDataError: an image folder without class folders.
+    """
+    data, ev = _sections(cfg)
+    if not _is_folder(data):
+        return build_dataset(data.name, root=ev.root or data.root, split=split, download=data.download,
+                             canvas=data.get("canvas"))
+    ds = build_dataset(data.name, root=ev.root or data.root, split=split, resize_size=ev.resize_size,
+                       crop_size=ev.crop_size)
+    if not ds.labelled:
+        raise UnlabelledDataError(_unlabelled_message(ds.root, split, bool(ev.root)))
+    return ds
+
+
+def train_and_eval_sets(cfg) -> dict[str, Dataset]:
+    """``{data.split: ..., data.eval_split: ...}`` of :func:`dataset_from_config` (one entry when
+    they are the same split)."""
+    data, _ = _sections(cfg)
+    return {split: dataset_from_config(cfg, split) for split in dict.fromkeys((data.split, data.eval_split))}
+
+
+def eval_image_size(cfg) -> int:
+    """The side of the images the evaluations feed the backbone: ``eval.data.crop_size`` for image
+    folders (DINO's CenterCrop(224), whatever the pre-training crops), ``crops.global_size`` for the
+    small in-memory sets (their 28-96 px images are resized up to it, as the training crops were)."""
+    data, ev = _sections(cfg)
+    return int(ev.crop_size) if _is_folder(data) else int(cfg.crops.global_size)

@@ -1,10 +1,18 @@
 """DINO multi-crop augmentation, batched on tensors on the training device.
 
-The loader yields uint8 batches ``(B, C, H, W)``; one :class:`MultiCrop` call turns a batch into
-``[global1, global2, local1, ..., localN]``, each float32 ``(B, 3, S, S)`` normalised with the
-ImageNet mean/std, on the images' device. The recipe is DINO's ``DataAugmentationDINO``
-(PAPER.md section 2): random resized crop (bicubic) + horizontal flip -> colour jitter (p=0.8) ->
-grayscale (p=0.2) -> Gaussian blur (p = 1.0 / 0.1 / 0.5) -> solarize (p = 0 / 0.2 / 0) -> normalise.
+The recipe is DINO's ``DataAugmentationDINO`` (facebookresearch/dino ``main_dino.py``): random
+resized crop (bicubic) + horizontal flip -> colour jitter (p=0.8) -> grayscale (p=0.2) -> Gaussian
+blur (p = 1.0 / 0.1 / 0.5) -> solarize (p = 0 / 0.2 / 0) -> normalise. Two entry points, both
+returning ``[global1, global2, local1, ..., localN]``, each float32 ``(B, 3, S, S)`` normalised
+with the mean/std, on the input's device:
+
+* :meth:`MultiCrop.__call__` on uint8 batches ``(B, C, H, W)`` of the small in-memory sets
+  (Fashion-MNIST, CIFAR, STL): the whole recipe, crops included, batched here. Each image is the
+  original there, so the boxes are sampled over the whole image, and their 28-96 px images are
+  upsampled into the crops, where bicubic needs no antialiasing.
+* :meth:`MultiCrop.from_crops` on ready uint8 crops of image files, cut from the original image
+  where it was decoded (:mod:`bcssl.data.crops`: torchvision's ``RandomResizedCrop.get_params``
+  boxes, PIL's antialiased bicubic): flip + the photometric part, batched here.
 
 How it is batched:
 
@@ -41,10 +49,11 @@ How it is batched:
   DINO's per-image PIL pipeline (2x224 + 8x96 crops: ~3.3-3.6x its images/s on one core).
 
 Known differences from DINO's PIL pipeline (all in the direction of torchvision's tensor ops):
-crop boxes are continuous (sub-pixel) instead of rounded to whole pixels; bicubic uses
-``grid_sample``'s a=-0.75 kernel (PIL: a=-0.5) and does not antialias when a crop is shrunk;
 blur is an exact Gaussian (PIL approximates it with box blurs); colour ops run on float images
-(PIL rounds to uint8 after each op); the jitter order is per crop group, not per image.
+(PIL rounds to uint8 after each op); the jitter order is per crop group, not per image. On the
+in-memory path also: crop boxes are continuous (sub-pixel) instead of rounded to whole pixels, and
+bicubic uses ``grid_sample``'s a=-0.75 kernel (PIL: a=-0.5) without antialiasing (those crops are
+upsampled). Image files get DINO's whole-pixel boxes and PIL's resampling itself.
 """
 
 from __future__ import annotations
@@ -58,6 +67,7 @@ import torch.nn.functional as F
 __all__ = [
     "MultiCropConfig",
     "MultiCrop",
+    "multicrop_from_config",
     "GRAY_WEIGHTS",
     "SOLARIZE_THRESHOLD",
     "crop_grid",
@@ -87,7 +97,7 @@ BRIGHTNESS, CONTRAST, SATURATION, HUE = range(4)
 
 @dataclass
 class MultiCropConfig:
-    """DINO multi-crop recipe (defaults: PAPER.md section 2, ConvNeXt/ViT scales)."""
+    """DINO multi-crop recipe (defaults: docs/recipe.md section 2, ConvNeXt/ViT scales)."""
 
     global_size: int = 224
     local_size: int = 96
@@ -116,6 +126,14 @@ class MultiCropConfig:
             raise ValueError(f"jitter must be 4 non-negative values with hue <= 0.5, got {self.jitter}")
         if len(self.blur_p) != 3 or len(self.solarize_p) != 3:
             raise ValueError("blur_p and solarize_p must have 3 values: global1, global2, each local")
+
+
+def multicrop_from_config(crops) -> "MultiCrop":
+    """The :class:`MultiCrop` of a run's ``crops.*`` section (a mapping; lists become tuples)."""
+    fields = MultiCropConfig.__dataclass_fields__
+    kw = {k: (tuple(v) if not isinstance(v, (str, bytes)) and hasattr(v, "__len__") else v)
+          for k, v in crops.items() if k in fields}
+    return MultiCrop(MultiCropConfig(**kw))
 
 
 # --------------------------------------------------------------------------------------------
@@ -263,9 +281,18 @@ def _gray_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.add_(g, alpha=GRAY_WEIGHTS[1]).add_(b, alpha=GRAY_WEIGHTS[2])
 
 
-def _gray_mean(x: torch.Tensor) -> torch.Tensor:
-    """Per-image mean of the luma (N,), from per-channel means (the luma is linear)."""
-    return x.flatten(2).mean(-1) @ torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=x.device)
+def _gray_mean(x: torch.Tensor, rowwise: bool = False) -> torch.Tensor:
+    """Per-image mean of the luma (N,), from per-channel means (the luma is linear).
+
+    The default, a BLAS matrix-vector product, can round an image's value differently with the
+    number of images (its kernel depends on N); ``rowwise`` sums the weighted channel means
+    elementwise, the same for an image in any batch. The batched path on in-memory images keeps
+    the product (its results, the demo's among them, stay as they were); the ready-crops path of
+    image files, whose crops are promised equal for any number of processes, is rowwise."""
+    m = x.flatten(2).mean(-1)
+    if rowwise:
+        return m[:, 0] * GRAY_WEIGHTS[0] + m[:, 1] * GRAY_WEIGHTS[1] + m[:, 2] * GRAY_WEIGHTS[2]
+    return m @ torch.tensor(GRAY_WEIGHTS, dtype=x.dtype, device=x.device)
 
 
 def _brightness_(x: torch.Tensor, f: torch.Tensor) -> None:
@@ -273,9 +300,9 @@ def _brightness_(x: torch.Tensor, f: torch.Tensor) -> None:
 
 
 # In-place mul_/add_ chains rather than addcmul: with broadcast operands addcmul is ~5x slower on CPU.
-def _contrast_(x: torch.Tensor, f: torch.Tensor) -> None:
+def _contrast_(x: torch.Tensor, f: torch.Tensor, rowwise: bool = False) -> None:
     f = _col(f, x)
-    mean = _col(_gray_mean(x), x)
+    mean = _col(_gray_mean(x, rowwise), x)
     x.mul_(f).add_((1 - f) * mean).clamp_(0, 1)
 
 
@@ -532,6 +559,9 @@ class MultiCrop:
     #: resize crops with two separable passes (True) or one bicubic ``grid_sample`` (False);
     #: None: separable on the CPU, grid_sample elsewhere. Same results up to float rounding.
     separable: bool | None = None
+    #: reuse CPU output buffers once nothing in this process refers to them (see _output_buffer);
+    #: False where outputs leave the process (loader workers: the trainer still reads them)
+    recycle_outputs: bool = True
 
     def __init__(self, cfg: MultiCropConfig | None = None):
         self.cfg = cfg or MultiCropConfig()
@@ -646,32 +676,103 @@ class MultiCrop:
         call and no copy; call ``.contiguous()`` on a crop where a dense tensor is needed.
         """
         _check(images)
-        cfg, dev = self.cfg, images.device
+        dev = images.device
         b, c = images.shape[:2]
-        sizes = [cfg.global_size] * 2 + [cfg.local_size] * cfg.n_local
-        numels = [s * s for s in sizes]
-        mean, std = torch.tensor(cfg.mean).view(3, 1), torch.tensor(cfg.std).view(3, 1)
-        norm = ((1 / std).to(dev), (-mean / std).to(dev))  # x * (1/std) + (-mean/std)
-        plans = [_to_device(self._plan(params, j, s), dev) for j, s in enumerate(sizes)]
-        # On the CPU, a few images at a time: the crops of a chunk are made and then worked on
-        # while they are in cache (on whole 64-image groups, memory traffic makes the colour
-        # ops, blur and hue 2-5x slower). Elsewhere the whole batch at once.
-        step = b if dev.type != "cpu" else max(1, min(b, self.CHUNK_PIXELS // max(sizes) ** 2))
+        sizes = self._sizes()
+        step = self._chunk(b, sizes, dev)
         separable = self.separable if self.separable is not None else dev.type == "cpu"
         if separable:
             resize = self._resize_plan(images, params, sizes, step)
-            out = self._output_buffer((b, 3, sum(numels)), dev)
+            out = self._output_buffer((b, 3, sum(s * s for s in sizes)), dev)
+            fill = lambda lo, hi: self._resize_separable(images, lo, hi, out, resize)  # noqa: E731
         else:
             out = self._resize_grid_sample(images, params, sizes)
             if c == 1:  # grayscale input -> RGB
                 out = out.expand(b, 3, out.shape[-1]).contiguous()
+            fill = None
+        return self._photometric(out, params, sizes, step, fill)
+
+    def from_crops(self, groups: list[torch.Tensor], seed: int, positions: torch.Tensor,
+                   global_batch: int) -> list[torch.Tensor]:
+        """Ready uint8 crops (cut from the original images where they were decoded,
+        :mod:`bcssl.data.crops`) -> [global1, global2, local1..localN] as :meth:`__call__` returns.
+
+        ``groups``: uint8 ``(B, k, C, S, S)`` per crop group (the 2 globals, then the locals), on
+        the training device. The photometric parameters are drawn for the whole global batch of
+        ``global_batch`` images from ``seed`` and each image takes those of its ``positions``
+        (its place in the global batch): any number of processes, and dropped images, leave every
+        image's crops as one process makes them. Their boxes are not used (the crops are cut).
+        """
+        params = self.sample_params(global_batch, seed)
+        return self.apply_crops(groups, self.select_params(params, positions))
+
+    @classmethod
+    def select_params(cls, params: dict, positions: torch.Tensor) -> dict:
+        """The parameters of the images at ``positions`` of the batch ``params`` were drawn for."""
+        idx = torch.as_tensor(positions, dtype=torch.int64).cpu()
+        return {k: v if k in cls.SHARED_PARAMS else v.index_select(0, idx) for k, v in params.items()}
+
+    def apply_crops(self, groups: list[torch.Tensor], params: dict) -> list[torch.Tensor]:
+        """:meth:`apply` for ready crops: flip (``params["flip"]``), then the photometric stages.
+
+        ``groups``: uint8 (or float in [0, 1]) ``(B, k, C, S, S)`` per crop group, C in (1, 3);
+        their sizes must be the config's. Same return layout as :meth:`apply`.
+        """
+        cfg = self.cfg
+        if len(groups) != 2 or groups[0].shape[1] != 2 or groups[1].shape[1] != cfg.n_local \
+                or groups[0].shape[-1] != cfg.global_size or groups[1].shape[-1] != cfg.local_size:
+            shapes = [tuple(g.shape) for g in groups]
+            raise ValueError(f"expected crop groups (B, 2, C, {cfg.global_size}, {cfg.global_size}) and "
+                             f"(B, {cfg.n_local}, C, {cfg.local_size}, {cfg.local_size}), got {shapes}")
+        b, dev = groups[0].shape[0], groups[0].device
+        if b < 1:
+            raise ValueError("expected a batch of at least one image")
+        sizes = self._sizes()
+        numels = [s * s for s in sizes]
+        out = self._output_buffer((b, 3, sum(numels)), dev)
+        dests = [v.view(b, 3, s, s) for v, s in zip(out.split(numels, 2), sizes)]
+        srcs = [g[:, k] for g in groups for k in range(g.shape[1])]
+        flips = params["flip"]
+
+        def fill(lo: int, hi: int) -> None:
+            for j, (dst, src) in enumerate(zip(dests, srcs)):
+                d = dst[lo:hi]
+                d.copy_(src[lo:hi].expand_as(d))  # uint8 -> float; one channel -> RGB
+                if src.dtype == torch.uint8:
+                    d.div_(255.0)
+                idx = _idx(flips[lo:hi, j]).to(dev, non_blocking=True)
+                if idx.numel():
+                    d.index_copy_(0, idx, d.index_select(0, idx).flip(-1))
+
+        return self._photometric(out, params, sizes, self._chunk(b, sizes, dev), fill, rowwise=True)
+
+    def _sizes(self) -> list[int]:
+        return [self.cfg.global_size] * 2 + [self.cfg.local_size] * self.cfg.n_local
+
+    def _chunk(self, b: int, sizes: list[int], dev: torch.device) -> int:
+        """Images per chunk. On the CPU, a few at a time: the crops of a chunk are made and then
+        worked on while they are in cache (on whole 64-image groups, memory traffic makes the
+        colour ops, blur and hue 2-5x slower). Elsewhere the whole batch at once."""
+        return b if dev.type != "cpu" else max(1, min(b, self.CHUNK_PIXELS // max(sizes) ** 2))
+
+    def _photometric(self, out: torch.Tensor, params: dict, sizes: list[int], step: int, fill,
+                     rowwise: bool = False) -> list[torch.Tensor]:
+        """Colour jitter, grayscale, blur, solarize and normalise ``out`` (B, 3, P) in place, chunk by
+        chunk; ``fill(lo, hi)`` (if given) first writes images ``lo:hi``' crops into it. ``rowwise``:
+        see :func:`_gray_mean`."""
+        cfg, dev = self.cfg, out.device
+        b = out.shape[0]
+        numels = [s * s for s in sizes]
+        mean, std = torch.tensor(cfg.mean).view(3, 1), torch.tensor(cfg.std).view(3, 1)
+        norm = ((1 / std).to(dev), (-mean / std).to(dev))  # x * (1/std) + (-mean/std)
+        plans = [dict(_to_device(self._plan(params, j, s), dev), rowwise=rowwise) for j, s in enumerate(sizes)]
         crops = [v.view(b, 3, s, s) for v, s in zip(out.split(numels, 2), sizes)]
         xs = [crop.view(b, 3, -1) for crop in crops]
         chunks = [_chunk_plans(plan, b, step) for plan in plans]
         for lo in range(0, b, step):
             hi = min(b, lo + step)
-            if separable:
-                self._resize_separable(images, lo, hi, out, resize)
+            if fill is not None:
+                fill(lo, hi)
             for x, s, parts in zip(xs, sizes, chunks):
                 _, _, part = next(parts)
                 self._color_(x[lo:hi], part)
@@ -798,7 +899,7 @@ class MultiCrop:
         while anything can still read them. Without ``torch._C._storage_Use_Count``: fresh.
         """
         use_count = getattr(torch._C, "_storage_Use_Count", None)
-        if torch.device(device).type != "cpu" or use_count is None:
+        if torch.device(device).type != "cpu" or use_count is None or not self.recycle_outputs:
             return torch.empty(shape, device=device)
         numel = math.prod(shape)
         pool = self._out_pool
@@ -837,7 +938,7 @@ class MultiCrop:
             if op == BRIGHTNESS:
                 _brightness_(x, f[:, BRIGHTNESS])
             elif op == CONTRAST:
-                _contrast_(x, f[:, CONTRAST])
+                _contrast_(x, f[:, CONTRAST], plan["rowwise"])
             elif op == SATURATION:
                 _saturation_(x, f[:, SATURATION], ws)
             else:

@@ -157,6 +157,15 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
     return value
 
 
+def all_reduce_max(value: torch.Tensor) -> torch.Tensor:
+    """Element-wise maximum of ``value`` over the processes (itself in a single process); no gradient."""
+    if not is_distributed():
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value
+
+
 def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
     """Mean of ``value`` over the processes (itself in a single process)."""
     if not is_distributed():

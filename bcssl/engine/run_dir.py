@@ -9,7 +9,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from bcssl.config import load_config
+from bcssl.config import load_config, to_yaml
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -87,4 +87,80 @@ def read_metrics(run_dir: str | os.PathLike) -> list[dict]:
 
 
 def save_config(cfg: DictConfig, run_dir: Path) -> None:
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    """``<run_dir>/config.yaml``: the resolved config, written atomically."""
+    path = Path(run_dir) / "config.yaml"
+    tmp = path.with_name(f".{path.name}.tmp.{os.getpid()}")
+    tmp.write_text(to_yaml(cfg))  # only the active method's section: it loads back
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Run identity: a run folder belongs to the config it was started with
+# --------------------------------------------------------------------------------------------
+
+#: Keys that say where and how fast a run goes, not what it computes: never compared on resume
+#: (a run may resume on another machine, with other paths for its folder, threads or workers).
+RESUME_IGNORED = ("run.dir", "device", "threads", "data.workers", "train.progress")
+#: Keys a user may change on resume with ``--resume-changed``: the length of training (the cosine
+#: schedules then stretch from the resumed step on), how often it logs and checkpoints, and the
+#: evaluation settings (the k-NN monitor and the recipes evaluations read later).
+RESUME_CHANGEABLE = ("train.epochs", "train.steps", "train.log_every_steps", "train.checkpoint_every_steps", "log.*",
+                     "eval.*",
+                     "linear.*", "detection.*")
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: d}
+
+
+def _matches(key: str, patterns: tuple[str, ...]) -> bool:
+    return any(key == p or (p.endswith(".*") and key.startswith(p[:-1])) for p in patterns)
+
+
+def config_changes(started: DictConfig, now: DictConfig) -> dict[str, tuple[Any, Any]]:
+    """``{key: (started value, new value)}`` of the resolved configs, without :data:`RESUME_IGNORED`."""
+    a = _flat(OmegaConf.to_container(started, resolve=True))
+    b = _flat(OmegaConf.to_container(now, resolve=True))
+    return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not _matches(k, RESUME_IGNORED)}
+
+
+def check_resume_config(run_dir: str | os.PathLike, cfg: DictConfig, allow_changes: bool = False,
+                        started: DictConfig | None = None) -> dict[str, tuple[Any, Any]]:
+    """Refuse to resume ``run_dir`` with a config other than the one it was started with.
+
+    ``started``: that config (default: ``<run_dir>/config.yaml``). Returns the changes made (only
+    :data:`RESUME_CHANGEABLE` keys, and only with ``allow_changes``; else nothing may differ).
+
+    Raises:
+        ConfigError: one line naming every differing key and the way forward.
+    """
+    from bcssl.config import ConfigError
+
+    if started is None:
+        started = load_run_config(run_dir)
+    changes = config_changes(started, cfg)
+    if not changes:
+        return {}
+    refused = {k: v for k, v in changes.items() if not (allow_changes and _matches(k, RESUME_CHANGEABLE))}
+    if not refused:
+        return changes
+    listed = ", ".join(f"{k} ({_show(a)} -> {_show(b)})" for k, (a, b) in refused.items())
+    allowed = ", ".join(RESUME_CHANGEABLE)
+    if allow_changes:
+        raise ConfigError(f"{run_dir} was started with another config, and --resume-changed only allows "
+                          f"{allowed}; these differ: {listed}. Start a new run with another run.name=...")
+    if all(_matches(k, RESUME_CHANGEABLE) for k in refused):
+        way = "Add --resume-changed to continue this run with them, or start a new run with another run.name=..."
+    else:
+        way = f"Start a new run with another run.name=... (--resume-changed continues a run only with changes to {allowed})"
+    raise ConfigError(f"{run_dir} was started with another config; differing keys: {listed}. {way}")
+
+
+def _show(v: Any) -> str:
+    return "null" if v is None else json.dumps(v) if isinstance(v, (list, dict)) else str(v)

@@ -50,6 +50,20 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+def cpu_model() -> str:
+    """The CPU's model name as ``lscpu`` prints it (Linux), else what ``platform`` knows."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
 def step_seed(seed: int, step: int) -> int:
     """A distinct, reproducible 63-bit seed per (run seed, global step)."""
     return (seed * 1_000_003 + step * 7_919 + 12_345) % (2 ** 63 - 1)

@@ -7,23 +7,25 @@ checkpoint replays the remaining steps bit for bit.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import threading
 import time
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from bcssl.data import BatchLoader, build_dataset
-from bcssl.data.multicrop import MultiCrop, MultiCropConfig
+from bcssl.data import BatchLoader, WorkerPhotometric, pretraining_dataset, probe_readable
+from bcssl.data.multicrop import multicrop_from_config
 from bcssl.engine import checkpoint as ckpt
 from bcssl.engine import distributed as ddp
 from bcssl.engine.amp import autocast as amp_autocast
 from bcssl.engine.optim import build_optimizer
-from bcssl.engine.run_dir import MetricsLog, run_dir_of, save_config
-from bcssl.engine.runtime import TrainingError, build_method, param_groups, step_seed
+from bcssl.engine.run_dir import MetricsLog, check_resume_config, run_dir_of, save_config
+from bcssl.engine.runtime import TrainingError, build_method, step_seed
 from bcssl.engine.schedules import cosine_schedule
 from bcssl.engine.trackers import open_trackers
 from bcssl.methods import SSLMethod
@@ -58,13 +60,6 @@ class PreemptionFlag:
             signal.signal(sig, handler)
 
 
-def multicrop_from_config(crops: DictConfig) -> MultiCrop:
-    fields = MultiCropConfig.__dataclass_fields__
-    kw = {k: (tuple(v) if isinstance(v, (list, tuple)) or OmegaConf.is_list(v) else v)
-          for k, v in crops.items() if k in fields}
-    return MultiCrop(MultiCropConfig(**kw))
-
-
 def clip_gradients_per_param(model: torch.nn.Module, clip: float) -> None:
     """DINO's ``clip_gradients``: each parameter's gradient norm is clipped to ``clip`` on its own."""
     for p in model.parameters():
@@ -84,6 +79,7 @@ class TrainResult:
     nonfinite_steps: int
     preempted: str | None = None  # the signal that stopped the run early (checkpoint saved), if any
     world_size: int = 1
+    skipped_images: int = 0  # unreadable files dropped from batches, all processes and epochs of this call
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -111,8 +107,13 @@ class _NoMetrics:
         pass
 
 
-def train(cfg: DictConfig, *, knn_eval=None) -> TrainResult:
+def train(cfg: DictConfig, *, knn_eval=None, resume_changed: bool = False) -> TrainResult:
     """Pre-train with ``cfg``; resumes from ``<run_dir>/checkpoint.pt`` when one exists.
+
+    A run folder belongs to the config it was started with (its ``config.yaml``): resuming with
+    another is a ConfigError naming the differing keys, unless ``resume_changed`` (CLI
+    ``--resume-changed``) and they are all keys a run may change (``run_dir.RESUME_CHANGEABLE``:
+    ``train.epochs``, logging, evaluation settings); config.yaml then becomes the new config.
 
     ``knn_eval(method, epoch) -> dict`` (optional) is the k-NN monitor called every
     ``eval.knn_every`` epochs and after the last one (on every rank: each encodes its shard).
@@ -126,7 +127,7 @@ def train(cfg: DictConfig, *, knn_eval=None) -> TrainResult:
     dist, device = ddp.init_distributed(cfg.device)
     try:
         with PreemptionFlag() as preempt:
-            return _train(cfg, knn_eval, dist, device, preempt)
+            return _train(cfg, knn_eval, dist, device, preempt, resume_changed)
     finally:
         if dist.enabled:
             ddp.shutdown_distributed()
@@ -143,17 +144,18 @@ def run_plan(cfg: DictConfig, world_size: int = 1) -> dict:
     the student and of the backbone, backbone MACs per image at the global and local crop sizes)."""
     from bcssl.models.complexity import count_macs, count_params
 
-    dataset = build_dataset(cfg.data.name, root=cfg.data.root, split=cfg.data.split, download=cfg.data.download,
-                            load_size=cfg.data.load_size)
+    dataset = pretraining_dataset(cfg)
     loader = BatchLoader(dataset, cfg.train.batch_size, seed=cfg.seed, limit=cfg.data.limit, world_size=world_size)
     steps = len(loader)
+    total = int(cfg.train.steps) if cfg.train.steps else steps * cfg.train.epochs
     torch.manual_seed(cfg.seed)
     method = build_method(cfg)
     backbone = method.eval_backbone("student")
     c = cfg.crops
     return {"run_dir": str(run_dir_of(cfg)), "images": loader.num_items, "world_size": world_size,
-            "global_batch": loader.global_batch_size, "steps_per_epoch": steps, "epochs": cfg.train.epochs,
-            "total_steps": steps * cfg.train.epochs, "warmup_steps": min(cfg.train.warmup_epochs, cfg.train.epochs) * steps,
+            "global_batch": loader.global_batch_size, "steps_per_epoch": steps,
+            "epochs": math.ceil(total / steps) if steps else cfg.train.epochs,
+            "total_steps": total, "warmup_steps": min(cfg.train.warmup_epochs * steps, total),
             "lr": scaled_lr(cfg, world_size), "min_lr": cfg.train.min_lr,
             "student_params": count_params(method.student, trainable_only=True),
             "backbone_params": count_params(backbone),
@@ -162,37 +164,59 @@ def run_plan(cfg: DictConfig, world_size: int = 1) -> dict:
             "crops": f"{2} x {c.global_size} px + {c.n_local} x {c.local_size} px"}
 
 
-def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, preempt: PreemptionFlag) -> TrainResult:
+def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, preempt: PreemptionFlag,
+           resume_changed: bool) -> TrainResult:
     run_dir = run_dir_of(cfg)
+    # --- run identity: a checkpoint resumes only under the config its run was started with
+    resume_path, state, changes = ckpt.latest(run_dir), None, {}
+    if resume_path is not None:
+        if (run_dir / "config.yaml").is_file():
+            changes = check_resume_config(run_dir, cfg, resume_changed)
+        else:  # a folder from before config.yaml was kept: the checkpoint holds the config too
+            state = ckpt.load(resume_path, map_location=device)
+            if state.get("config"):
+                changes = check_resume_config(run_dir, cfg, resume_changed, started=OmegaConf.create(state["config"]))
     if dist.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
 
-    dataset = build_dataset(cfg.data.name, root=cfg.data.root, split=cfg.data.split, download=cfg.data.download,
-                            load_size=cfg.data.load_size, decode_on_device=cfg.data.decode_on_device)
+    # Image files: each image's crops are cut from the original in the loader's workers (CropBatch);
+    # in-memory sets: uint8 batches, cropped on the device. Both get the photometric part there, except
+    # when training on the CPU with workers: they are CPU cores beside the step, so they finish the crops.
+    dataset = pretraining_dataset(cfg)
+    multicrop = multicrop_from_config(cfg.crops)
+    global_batch_size = cfg.train.batch_size * dist.world_size
+    in_workers = device.type == "cpu" and cfg.data.workers > 0 and not cfg.data.decode_on_device
+    photometric = WorkerPhotometric(multicrop.cfg, partial(step_seed, cfg.seed), global_batch_size) \
+        if in_workers else None
     loader = BatchLoader(dataset, cfg.train.batch_size, seed=cfg.seed, shuffle=True, drop_last=True,
                          workers=cfg.data.workers, pin_memory=device.type == "cuda", limit=cfg.data.limit,
-                         rank=dist.rank, world_size=dist.world_size, decode_device=device)
+                         rank=dist.rank, world_size=dist.world_size, crops=multicrop.cfg, decode_device=device,
+                         photometric=photometric)
+    if loader.may_drop_images and hasattr(dataset, "open"):
+        probe_readable(dataset)  # a folder of unreadable files stops here, not after an empty epoch
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise TrainingError(f"{len(dataset)} training images (data.limit={cfg.data.limit}) give no full "
                             f"batch of train.batch_size={cfg.train.batch_size} x {dist.world_size} processes")
     epochs = cfg.train.epochs
     total_steps = steps_per_epoch * epochs
+    if cfg.train.steps:  # the run's length in steps (bcssl demo's budget): the last epoch ends early
+        total_steps = int(cfg.train.steps)
+        epochs = math.ceil(total_steps / steps_per_epoch)
     base_lr = scaled_lr(cfg, dist.world_size)
     warmup_steps = min(cfg.train.warmup_epochs * steps_per_epoch, total_steps)
 
     torch.manual_seed(cfg.seed)  # model initialisation
     method = build_method(cfg)
-    method.setup(steps_per_epoch, epochs)
+    method.setup(steps_per_epoch, epochs, total_steps)
     if dist.enabled:  # every BN sees the global batch, as in one process (BC-SSL has one per block)
         method = ddp.convert_sync_batchnorm(method, device)
     memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
     method.to(device=device, memory_format=memory_format)
     if cfg.train.compile:
         compile_student(method, cfg.train.compile_backend)
-    multicrop = multicrop_from_config(cfg.crops)
     try:
-        optimizer = build_optimizer(cfg.train.optimizer, param_groups(method.student), lr=base_lr,
+        optimizer = build_optimizer(cfg.train.optimizer, method.param_groups(), lr=base_lr,
                                     weight_decay=cfg.train.weight_decay, momentum=cfg.train.momentum,
                                     fused=device.type == "cuda")
     except ValueError as e:
@@ -215,8 +239,12 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
     start_step, train_s, nonfinite_total, images_seen, knn_top1 = 0, 0.0, 0, 0, None
     resume_path = ckpt.latest(run_dir)
     if resume_path is not None:
-        state = ckpt.load(resume_path, map_location=device)
-        method.load_state_dict(state["method"])
+        state = state or ckpt.load(resume_path, map_location=device)
+        try:
+            method.load_state_dict(state["method"])
+        except RuntimeError as e:  # a checkpoint of another bcssl version's model, say
+            raise TrainingError(f"{resume_path} does not fit the model of this config "
+                                f"({str(e).splitlines()[0]}); start a new run with another run.name=...") from None
         optimizer.load_state_dict(state["optimizer"])
         scaler.load_state_dict(state["scaler"])
         start_step, train_s = int(state["step"]), float(state["train_s"])
@@ -224,10 +252,14 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
         knn_top1 = state.get("knn_top1")
         log.info("resuming %s at step %d/%d", run_dir, start_step, total_steps)
     if dist.is_main:
-        save_config(cfg, run_dir)
+        if resume_path is None or changes:  # config.yaml: the config the run started with, or was changed to
+            save_config(cfg, run_dir)
         resume_step = start_step if resume_path else None
         metrics = MetricsLog(run_dir / "metrics.jsonl", resume_step=resume_step,
                              trackers=open_trackers(cfg, run_dir, resume_step))
+        if changes:
+            log.info("resuming with changed %s", ", ".join(f"{k} {a} -> {b}" for k, (a, b) in changes.items()))
+            metrics.write("config", start_step, changed={k: [a, b] for k, (a, b) in changes.items()})
     else:
         metrics = _NoMetrics()
 
@@ -249,19 +281,22 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
         bar = tqdm(loader.epoch(epoch, start_step=first), total=steps_per_epoch, initial=first,
                    desc=f"epoch {epoch + 1}/{epochs}", disable=not (cfg.train.progress and dist.is_main),
                    dynamic_ncols=True)
-        t_log, n_log = time.perf_counter(), 0
-        for images, _ in bar:
-            empty = images.shape[0] == 0  # every image of this batch was unreadable (counted by the loader)
-            global_batch = images.shape[0] * dist.world_size
+        t_log, n_log, empty_steps = time.perf_counter(), 0, 0
+        for batch in bar:
+            if step >= total_steps:  # train.steps ends the last epoch early
+                break
+            n = len(batch) if loader.makes_crops else batch[0].shape[0]
+            empty = n == 0  # every image of this batch was unreadable (counted by the loader)
+            global_batch = n * dist.world_size
             if dist.enabled and loader.may_drop_images:
                 # A rank that skipped alone would leave the others waiting in the step's collectives
                 # (DDP, SyncBN, the DINO centre): all skip if any rank's batch is empty. Dropped
                 # images make the ranks' batches differ, so the global batch is summed, not multiplied.
-                global_batch, n_empty = ddp.all_reduce_sum(
-                    torch.tensor([images.shape[0], int(empty)], device=device)).tolist()
+                global_batch, n_empty = ddp.all_reduce_sum(torch.tensor([n, int(empty)], device=device)).tolist()
                 empty = n_empty > 0
             if empty:
                 step += 1
+                empty_steps += 1
                 continue
             t0 = time.perf_counter()
             lr = cosine_schedule(step, total_steps, base_lr, cfg.train.min_lr, warmup_steps)
@@ -269,8 +304,13 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
             optimizer.param_groups[0].update(lr=lr, weight_decay=wd)
             optimizer.param_groups[1].update(lr=lr)
 
-            images = images.to(device, non_blocking=True)
-            crops = multicrop(images, step_seed(cfg.seed, step), rank=dist.rank, world_size=dist.world_size)
+            if loader.makes_crops:  # photometric parameters per position in the global batch
+                batch = batch.to(device, non_blocking=True)
+                crops = batch.views or multicrop.from_crops(batch.groups, step_seed(cfg.seed, step), batch.positions,
+                                                            loader.global_batch_size)
+            else:
+                images = batch[0].to(device, non_blocking=True)
+                crops = multicrop(images, step_seed(cfg.seed, step), rank=dist.rank, world_size=dist.world_size)
             crops = [c.contiguous(memory_format=memory_format) for c in crops]
             torch.manual_seed(step_seed(cfg.seed + 1, step))  # stochastic depth
             with autocast:
@@ -312,7 +352,7 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
             images_seen += global_batch
             n_log += global_batch
             train_s += time.perf_counter() - t0
-            if step % cfg.train.log_every_steps == 0 or step % steps_per_epoch == 0:
+            if step % cfg.train.log_every_steps == 0 or step % steps_per_epoch == 0 or step == total_steps:
                 dt = time.perf_counter() - t_log
                 loss_value = ddp.all_reduce_mean(loss.detach().float()).item()  # the global batch's loss
                 values = {"loss": loss_value, "lr": lr, "wd": wd,
@@ -335,12 +375,15 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
         bar.close()
         if stopped_by:
             break
+        if empty_steps == steps_per_epoch - first > 0:
+            raise TrainingError(f"no batch of epoch {epoch + 1} could be read ({loader.skipped} unreadable files "
+                                f"skipped on this process); check data.root")
         last = epoch + 1 == epochs
         every = cfg.eval.knn_every
         if knn_eval is not None and ((every and (epoch + 1) % every == 0) or (last and cfg.eval.final_knn)):
             result = knn_eval(method, epoch + 1)  # every rank encodes its shard; all get the result
             knn_top1 = result["top1"]
-            metrics.write("knn", step, epoch=epoch + 1, top1=result["top1"], top5=result["top5"])
+            metrics.write("knn", step, epoch=step / steps_per_epoch, top1=result["top1"], top5=result["top5"])
             if dist.is_main:
                 log.info("epoch %d: k-NN top-1 %.2f%%", epoch + 1, knn_top1)
             method.train()
@@ -357,9 +400,12 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
         skipped = int(ddp.all_reduce_sum(torch.tensor(skipped, device=device)).item())
     if skipped:
         metrics.write("data", step, skipped_images=skipped)
+        if dist.is_main:
+            log.warning("%d unreadable image file(s) were skipped (the first is named above)", skipped)
     result = TrainResult(run_dir=str(run_dir), epochs=epochs, images_seen=images_seen, train_s=train_s,
                          imgs_per_s=images_seen / max(train_s, 1e-9), knn_top1=knn_top1,
-                         nonfinite_steps=nonfinite_total, preempted=stopped_by, world_size=dist.world_size)
+                         nonfinite_steps=nonfinite_total, preempted=stopped_by, world_size=dist.world_size,
+                         skipped_images=skipped)
     if not stopped_by:
         metrics.summary(step, **{k: v for k, v in result.as_dict().items() if k not in ("run_dir", "preempted")})
     metrics.close()

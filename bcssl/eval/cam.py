@@ -1,4 +1,4 @@
-"""Class activation maps (PAPER.md section 4, Table 6): Grad-CAM and Eigen-CAM of a backbone.
+"""Class activation maps (the paper's Table 6; docs/recipe.md section 5): Grad-CAM and Eigen-CAM of a backbone.
 
 * Target layer: ``backbone.cam_target_layer`` (CNNs: the last block of the last stage; ViT/Swin:
   ``norm1`` of the last block), reshaped to 2-D by ``backbone.cam_reshape`` (``None`` for CNNs).
@@ -199,7 +199,7 @@ def cam_maps(backbone: nn.Module, images_uint8: torch.Tensor, *, method: str, si
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     target_layer = backbone.cam_target_layer
-    reshape = getattr(backbone, "cam_reshape", None)
+    reshape = backbone.cam_reshape
     model = backbone if classifier is None else nn.Sequential(backbone, classifier)
     device = next(backbone.parameters()).device
     if classifier is not None:
@@ -361,7 +361,7 @@ def cam_grid(rows: Sequence[tuple[str, torch.Tensor, torch.Tensor]], col_labels:
 
 
 def _kernel_label(backbone: nn.Module) -> Optional[str]:
-    ks = getattr(backbone, "kernel_sizes", None)
+    ks = backbone.kernel_sizes
     if ks is None:
         return None
     ks = [int(k) for k in ks]
@@ -406,9 +406,11 @@ def cam_for_runs(run_dirs: Sequence[Union[str, os.PathLike]], images, *, methods
         names = None
 
     grid_rows, summary_rows = [], []
+    from bcssl.data import eval_image_size
+
     for run_dir in run_dirs:
         cfg, backbone, ckpt_path = load_run_backbone(run_dir, overrides)
-        size = int(cfg.crops.global_size)
+        size = eval_image_size(cfg)
         mean, std = list(cfg.crops.mean), list(cfg.crops.std)
         try:
             classifier = load_linear_classifier(run_dir)
@@ -454,8 +456,8 @@ def default_images(run_dir: Union[str, os.PathLike], n: int = 8) -> torch.Tensor
     from bcssl.data import dataset_from_config
     from bcssl.engine.run_dir import load_run_config
 
-    d = load_run_config(run_dir).data
-    ds = dataset_from_config(d, d.eval_split)
+    cfg = load_run_config(run_dir)
+    ds = dataset_from_config(cfg, cfg.data.eval_split)
     picked: dict[int, torch.Tensor] = {}
     for i in range(len(ds)):
         item = ds[i]

@@ -1,4 +1,4 @@
-"""Detection transfer (PAPER.md Table 4): Mask R-CNN + FPN fine-tuned from a run's backbone on
+"""Detection transfer (the paper's Table 4; docs/recipe.md section 5): Mask R-CNN + FPN fine-tuned from a run's backbone on
 COCO-format data, scored with COCO box and mask AP.
 
 The detector is torchvision's Mask R-CNN; the backbone is the run's eval backbone (``eval.encoder``)
@@ -56,27 +56,24 @@ log = logging.getLogger("bcssl.detection")
 
 
 class StageFeatures(nn.Module):
-    """A BC-SSL / ConvNeXt backbone (``stem`` + 4 ``stages``) -> its four stage outputs
-    ``{"0": stride 4, "1": 8, "2": 16, "3": 32}`` (with stem stride 4), each through its own
-    LayerNorm (ConvNeXt's detection backbone)."""
+    """A backbone's four stage maps (the contract's ``forward_intermediates``, strides 4, 8, 16, 32
+    with stem stride 4) as ``{"0": ..., "3": ...}``, each through its own LayerNorm (ConvNeXt's
+    detection backbone)."""
 
     def __init__(self, backbone: nn.Module):
         super().__init__()
-        if not (hasattr(backbone, "stem") and hasattr(backbone, "stages") and len(backbone.stages) == 4):
-            raise ValueError(f"detection needs a bcssl ConvNeXt backbone (stem + 4 stages), got "
-                             f"{type(backbone).__name__}")
+        if len(backbone.feature_info) != 4:
+            raise ValueError(f"detection needs a backbone with 4 stage maps (an FPN over strides 4..32), got "
+                             f"{len(backbone.feature_info)} from {type(backbone).__name__}")
         from bcssl.models.bcssl_convnext import LayerNorm2d
 
-        self.stem, self.stages = backbone.stem, backbone.stages
-        self.channels = list(backbone.dims)
+        self.backbone = backbone
+        self.channels = [s.channels for s in backbone.feature_info]
         self.norms = nn.ModuleList(LayerNorm2d(c, eps=1e-6) for c in self.channels)
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        out, x = OrderedDict(), self.stem(x)
-        for i, (stage, norm) in enumerate(zip(self.stages, self.norms)):
-            x = stage(x)
-            out[str(i)] = norm(x)
-        return out
+        _, maps = self.backbone.forward_intermediates(x)
+        return OrderedDict((str(i), norm(m)) for i, (m, norm) in enumerate(zip(maps, self.norms)))
 
 
 class BackboneFPN(nn.Module):
@@ -98,11 +95,7 @@ class BackboneFPN(nn.Module):
 
 def set_drop_path(backbone: nn.Module, rate: float) -> None:
     """Stochastic depth rising linearly from 0 to ``rate`` over the blocks (ConvNeXt's rule)."""
-    from bcssl.models.bcssl_convnext import DropPath
-
-    paths = [m for m in backbone.modules() if isinstance(m, DropPath)]
-    for i, m in enumerate(paths):
-        m.drop_prob = rate * i / (len(paths) - 1) if len(paths) > 1 else 0.0
+    backbone.set_drop_path(rate)
 
 
 def build_mask_rcnn(backbone: nn.Module, num_classes: int, *, min_size: Sequence[int] | int = 800,
@@ -327,7 +320,6 @@ def detection_of_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), 
     from bcssl.engine.amp import autocast as amp_autocast
     from bcssl.engine.run_dir import write_json
     from bcssl.engine.runtime import TrainingError, load_run, param_groups, resolve_device, step_seed
-    from bcssl.models import fold_bn
 
     t_start = time.perf_counter()
     run = Path(run_dir)
@@ -348,7 +340,7 @@ def detection_of_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), 
                          f"than one step of detection.batch_size={d.batch_size}")
     num_classes = max(train_set.num_classes, val_set.num_classes)
 
-    backbone = fold_bn(loaded.backbone).train()
+    backbone = loaded.backbone.fold_bn().train()
     set_drop_path(backbone, d.drop_path_rate)
     torch.manual_seed(cfg.seed)  # the new layers' initialisation
     model = build_mask_rcnn(backbone, num_classes, min_size=list(range(d.min_size[0], d.min_size[1] + 1, 32)),
@@ -378,7 +370,9 @@ def detection_of_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), 
         scaler.load_state_dict(state.get("scaler", {}))
         start = int(state["step"])
         log.info("detection: resuming at step %d/%d", start, total)
-    net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    # find_unused_parameters: the backbone's pooling head (e.g. BC-SSL's head.norm) is not used by detection
+    net = (torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None,
+                                                     find_unused_parameters=True)
            if dist.enabled else model)
 
     def save(step: int) -> None:

@@ -22,6 +22,7 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
+from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -33,8 +34,8 @@ from bcssl.engine.runtime import LoadedRun, file_sha256
 def eval_preprocess(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     """uint8 (B,C,H,W) -> normalised float (B,3,size,size).
 
-    Inputs larger than ``size`` are centre-cropped to ``size`` (ImageFolder images are loaded
-    at ``load_size`` = 256 for 224 crops, which is DINO's Resize(256)+CenterCrop(224)); smaller
+    Inputs larger than ``size`` are centre-cropped to ``size`` (image folders' evaluation items are
+    already DINO's Resize(256)+CenterCrop(224) of the original, at ``size``); smaller
     inputs (28x28 Fashion-MNIST) are resized up bicubically, as the training crops were.
     """
     x = images.float().div_(255)
@@ -241,19 +242,19 @@ def run_features(loaded: LoadedRun, split: str, limit: int | None = None, *, dev
                  cache: bool = True, progress: bool = True, dataset=None,
                  features: str = "pooled") -> tuple[torch.Tensor, torch.Tensor]:
     """Features of a run's eval backbone on ``split`` of its dataset (first ``limit`` images), with
-    the evaluation preprocessing at the run's global crop size; sharded over the processes of a
+    the evaluation preprocessing at ``bcssl.data.eval_image_size``; sharded over the processes of a
     torchrun job. Cached under ``<run>/cache`` per checkpoint, so k-NN and the linear probe of one
     checkpoint extract each split once. ``dataset``: the already built split, to avoid loading it
     again. ``features``: ``pooled`` (the backbone's forward) or ``linear`` (its ``linear_features``)."""
-    from bcssl.data import dataset_from_config
+    from bcssl.data import dataset_from_config, eval_image_size
 
     cfg = loaded.cfg
     d, c = cfg.data, cfg.crops
     device = torch.device(device)
-    ds = dataset if dataset is not None else dataset_from_config(d, split)
+    ds = dataset if dataset is not None else dataset_from_config(cfg, split)
     backbone = loaded.backbone.to(device)
     forward, kind = linear_features_of(backbone) if features == "linear" else (backbone, "pooled")
-    kw = dict(size=c.global_size, mean=tuple(c.mean), std=tuple(c.std), device=device, amp=cfg.train.amp,
+    kw = dict(size=eval_image_size(cfg), mean=tuple(c.mean), std=tuple(c.std), device=device, amp=cfg.train.amp,
               channels_last=cfg.train.channels_last, progress=progress, desc=f"{split} features", forward=forward)
 
     def compute():
@@ -261,9 +262,11 @@ def run_features(loaded: LoadedRun, split: str, limit: int | None = None, *, dev
                                         workers=d.workers, **kw)
     if not cache:
         return compute()
-    dataset_key = json.dumps({"name": d.name, "root": str(d.root), "split": split, "load_size": d.load_size,
-                              "limit": limit, "len": len(ds), "classes": int(ds.num_classes)})
-    transform = {"eval_preprocess": c.global_size, "mean": list(c.mean), "std": list(c.std),
+    dataset_key = json.dumps({"name": d.name, "root": str(getattr(ds, "root", d.root)), "split": split,
+                              "preprocess": getattr(ds, "eval_transform", None),
+                              "limit": limit, "len": len(ds), "classes": int(ds.num_classes),
+                              **({"canvas": OmegaConf.to_container(d.canvas)} if d.name == "fashion_mnist_canvas" else {})})
+    transform = {"eval_preprocess": kw["size"], "mean": list(c.mean), "std": list(c.std),
                  "amp": cfg.train.amp, "encoder": loaded.encoder}
     if kind != "pooled":  # the k-NN's pooled features and a CNN's linear features are the same file
         transform["features"] = kind

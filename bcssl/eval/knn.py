@@ -8,6 +8,7 @@ gathered to all, and each classifies the full query set (the same numbers on eve
 those of one process: the shards are whole batches of the one-process order)."""
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Sequence
@@ -70,8 +71,8 @@ class KNNEvaluator:
 
         self.cfg, self.device, self.progress = cfg, torch.device(device), progress
         d = cfg.data
-        self.train_set = dataset_from_config(d, d.split)
-        self.test_set = dataset_from_config(d, d.eval_split)
+        self.train_set = dataset_from_config(cfg, d.split)
+        self.test_set = dataset_from_config(cfg, d.eval_split)
         bs = cfg.eval.batch_size
         kw = dict(shuffle=False, drop_last=False, workers=d.workers, pin_memory=self.device.type == "cuda")
         self.train_loader = BatchLoader(self.train_set, bs, limit=train_limit, **kw)
@@ -79,10 +80,12 @@ class KNNEvaluator:
         self.limits = {"train": train_limit, "test": test_limit}
 
     def features(self, backbone, which: str):
+        from bcssl.data import eval_image_size
+
         c = self.cfg
         return extract_dataset_features(
             backbone, self.train_set if which == "train" else self.test_set, batch_size=c.eval.batch_size,
-            limit=self.limits[which], workers=c.data.workers, size=c.crops.global_size, mean=c.crops.mean,
+            limit=self.limits[which], workers=c.data.workers, size=eval_image_size(c), mean=c.crops.mean,
             std=c.crops.std, device=self.device, amp=c.train.amp, channels_last=c.train.channels_last,
             desc=f"k-NN {which} features", progress=self.progress)
 
@@ -106,7 +109,7 @@ def knn_of_run(run_dir, overrides=(), *, device=None, progress: bool = True) -> 
     loaded = load_run(run_dir, overrides)
     cfg, d = loaded.cfg, loaded.cfg.data
     with ddp.process_group(str(device) if device is not None else cfg.device) as (dist, device):
-        sets = train_and_eval_sets(d)
+        sets = train_and_eval_sets(cfg)
         # the dataset's class count, not the largest label seen: a class missing from the data
         # would otherwise shrink the vote vector (as the k-NN monitor and the linear probe count)
         num_classes = int(sets[d.split].num_classes)
@@ -132,6 +135,14 @@ def knn_monitor(cfg):
     Its datasets are loaded at the first evaluation, on the device the method trains on. Under
     DDP every rank calls it and encodes its shard of the bank and the queries."""
     if not (cfg.eval.knn_every or cfg.eval.final_knn):
+        return None
+    from bcssl.data import evaluation_labels_missing
+    from bcssl.engine.distributed import env_rank
+
+    missing = evaluation_labels_missing(cfg)
+    if missing:
+        if env_rank() == 0:
+            logging.getLogger("bcssl").warning("k-NN monitor off: %s", missing)
         return None
     evaluator = None
 

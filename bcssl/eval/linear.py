@@ -8,7 +8,9 @@ cosine-annealed to 0 over the epochs (``CosineAnnealingLR(T_max=epochs, eta_min=
 per epoch), 100 epochs. ``linear.protocol``:
 
 * ``dino_eval_linear`` (the default on image folders): DINO's training transform every step
-  (RandomResizedCrop(224), scale 0.08-1, + horizontal flip, + normalise; batched on the device),
+  (RandomResizedCrop(224), scale 0.08-1, of the original image, cut with PIL's bilinear filter in
+  the loader workers as torchvision's default does, + horizontal flip + normalise on the device;
+  in-memory sets: the same boxes resampled batched on the device),
   the frozen backbone run on it, every torchrun process on its slice of each global batch of
   ``linear.batch_size`` with the layer in DistributedDataParallel; evaluated after every epoch
   (DINO's ``val_freq=1``) on the evaluation split with Resize(256) + CenterCrop(224) -- the
@@ -33,6 +35,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -256,6 +259,34 @@ class LinearEvalAugment:
         return (x - m) / s
 
 
+@dataclass(frozen=True)
+class ProbeCrops:
+    """The probe's training crop, for the loader workers of file-backed datasets (as
+    ``bcssl.data.crops`` cuts pre-training crops): ONE ``RandomResizedCrop(size, scale)`` of the
+    original image with torchvision's default bilinear filter (DINO ``eval_linear.py``:
+    ``transforms.RandomResizedCrop(224)``). The flip and normalisation run on the device."""
+    global_size: int = 224
+    global_scale: tuple = (0.08, 1.0)
+    ratio: tuple = (3 / 4, 4 / 3)
+    n_global: int = 1
+    resample: str = "bilinear"
+    local_size: int = 224
+    local_scale: tuple = (0.08, 1.0)
+    n_local: int = 0
+
+
+def _flip_normalise(images: torch.Tensor, positions: torch.Tensor, seed: int, global_batch: int, mean, std
+                    ) -> torch.Tensor:
+    """uint8 crops (b, 3, S, S) -> float, each mirrored with p = 0.5 (drawn per position in the global
+    batch from ``seed``: 1 or N processes flip the same images), normalised."""
+    flips = torch.rand(global_batch, generator=torch.Generator().manual_seed(seed)) < 0.5
+    x = images.float().div_(255)
+    x = torch.where(flips[positions].to(x.device)[:, None, None, None], x.flip(-1), x)
+    m = torch.tensor(mean, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(std, device=x.device).view(1, 3, 1, 1)
+    return (x - m) / s
+
+
 # --------------------------------------------------------------------------------------------
 # A run's probe: features -> train -> linear.safetensors / linear.json / metrics.jsonl
 # --------------------------------------------------------------------------------------------
@@ -360,7 +391,7 @@ def dino_eval_linear(loaded, train_set, test_f: torch.Tensor, test_y: torch.Tens
     ``train_set``; ``test_f``/``test_y``: the evaluation split's linear features. Resumes from
     ``out_dir/checkpoint.pt``. Returns :func:`train_linear`'s keys plus ``history`` (one
     ``{"epoch", "loss", "lr", "top1", "top5"}`` per epoch), ``best_top1``/``best_top5``/``best_epoch``."""
-    from bcssl.data import BatchLoader
+    from bcssl.data import BatchLoader, eval_image_size
     from bcssl.engine import checkpoint as ckpt
     from bcssl.engine import distributed as ddp
     from bcssl.engine.runtime import step_seed
@@ -373,11 +404,15 @@ def dino_eval_linear(loaded, train_set, test_f: torch.Tensor, test_y: torch.Tens
         raise ValueError(f"linear.batch_size {lc.batch_size} (all processes together) must be a multiple of the "
                          f"{world} processes")
     t0 = time.perf_counter()
+    size = eval_image_size(cfg)
+    # file-backed sets: crops of the original image cut where it is decoded; in-memory ones: on the device
+    from_files = hasattr(train_set, "crop_item")
     loader = BatchLoader(train_set, lc.batch_size // world, seed=cfg.seed, shuffle=True, drop_last=False,
                          workers=d.workers, pin_memory=device.type == "cuda", limit=lc.train_limit,
-                         rank=rank, world_size=world)
+                         rank=rank, world_size=world,
+                         crops=ProbeCrops(size, tuple(lc.crop_scale)) if from_files else None)
     steps, epochs, n_train = len(loader), int(lc.epochs), loader.num_items
-    augment = LinearEvalAugment(c.global_size, c.mean, c.std, scale=tuple(lc.crop_scale))
+    augment = LinearEvalAugment(size, c.mean, c.std, scale=tuple(lc.crop_scale))
     backbone = loaded.backbone.to(device).eval().requires_grad_(False)
     features_of, kind = linear_features_of(backbone)
     autocast = amp_autocast(cfg.train.amp, device)
@@ -431,13 +466,21 @@ def dino_eval_linear(loaded, train_set, test_f: torch.Tensor, test_y: torch.Tens
         # this epoch's loss: the part before a resume (all ranks' sum, kept by rank 0) + this run's
         total = torch.tensor(partial[0] if dist.is_main else 0.0, dtype=torch.float64, device=device)
         seen = torch.tensor(partial[1] if dist.is_main else 0, dtype=torch.float64, device=device)
-        for images, y in loader.epoch(epoch, start_step=first):
+        for batch in loader.epoch(epoch, start_step=first):
             global_n = min(loader.global_batch_size, loader.num_items - step % steps * loader.global_batch_size)
             offset, _ = _slice_of(global_n, world, rank)
+            if from_files:
+                images, y = batch.groups[0][:, 0], batch.labels
+            else:
+                images, y = batch
             y = y.to(device).long()
-            if images.shape[0]:
+            if images.shape[0] and from_files:
+                x = _flip_normalise(images.to(device, non_blocking=True), batch.positions,
+                                    step_seed(cfg.seed + 2, step), global_n, c.mean, c.std)
+            elif images.shape[0]:
                 x = augment(images.to(device, non_blocking=True), step_seed(cfg.seed + 2, step), offset,
                             global_n if world > 1 else None)
+            if images.shape[0]:
                 if cfg.train.channels_last:
                     x = x.contiguous(memory_format=torch.channels_last)
                 with torch.no_grad(), autocast:
@@ -504,7 +547,7 @@ def linear_probe(run_dir: str | os.PathLike, overrides: Sequence[str] = (), devi
     with ddp.process_group(str(device) if device is not None else cfg.device) as (dist, device):
         backbone = loaded.backbone.to(device).requires_grad_(False)
         kind = linear_features_of(backbone)[1]
-        sets = train_and_eval_sets(d)
+        sets = train_and_eval_sets(cfg)
         train_set = sets[d.split]
         num_classes = int(train_set.num_classes)
 

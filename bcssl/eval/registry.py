@@ -30,6 +30,8 @@ class Entry:
 
 REGISTRY: tuple[Entry, ...] = (
     Entry("knn", "bcssl.eval.knn", "weighted k-NN top-1/top-5 of the eval backbone (DINO protocol)"),
+    Entry("random_init", "bcssl.eval.random_init", "k-NN of the run's network at random initialisation (same "
+          "config and seed): the baseline of its pre-training"),
     Entry("linear", "bcssl.eval.linear", "linear probe: DINO's eval_linear on image folders, cached features "
           "on in-memory sets; saves the classifier"),
     Entry("robustness", "bcssl.eval.robustness", "15 corruptions x 5 severities on the fly, or a released "

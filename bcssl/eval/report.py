@@ -366,24 +366,25 @@ def plot_knn(runs: Sequence[RunData], path: str | os.PathLike) -> list[str] | No
         (line,) = ax.plot(s["epoch"], s["top1"], color=color_of[s["label"]], marker="o", ms=4, lw=1.6,
                           label=s["label"])
         curves.append(line)
-    # the demo's baselines, measured in the same run: raw pixels (same for the same data), random init
+    # The demo's baselines, measured in the same run on the monitor's own bank and queries (its
+    # `monitor_baselines`; the full sets when the monitor reads them all), so each curve is drawn
+    # against pixels and random init of the same images. The full-set result is in the tables.
     extra = []
-    pixels = sorted({round(_num(r.demo.get("baseline_pixels_knn_top1")), 2) for r in runs
-                     if r.demo and _num(r.demo.get("baseline_pixels_knn_top1")) is not None})
-    # The demo measures its baselines and final accuracy on the full sets, while the monitor may
-    # use a subset (eval.knn_train_limit): say so, and mark the full-set final point apart.
-    for i, v in enumerate(pixels):
-        extra.append(ax.axhline(v, color="0.45", ls="--", lw=1.0, label="raw pixels (full sets)" if i == 0 else None))
     for r in runs:
-        v = _num(r.demo.get("baseline_random_knn_top1")) if r.demo else None
-        if v is not None:
-            extra.append(ax.axhline(v, color=color_of[r.label], ls=":", lw=1.2,
-                                    label=(f"{r.name}: " if len(runs) > 1 else "") + "random init (full sets)"))
-        final = _num(r.demo.get("knn_top1")) if r.demo else None
-        epochs = _num(r.demo.get("epochs")) if r.demo else None
-        if final is not None and epochs is not None:
-            extra.append(ax.plot([epochs], [final], marker="*", ms=12, ls="none", color=color_of[r.label],
-                                 label=(f"{r.name}: " if len(runs) > 1 else "") + "pre-trained (full sets)")[0])
+        if not r.demo:
+            continue
+        mon = r.demo.get("monitor_baselines") or {}
+        if not mon and any((r.cfg("eval.knn_train_limit"), r.cfg("eval.knn_test_limit"))):
+            continue  # full-set baselines under a subset's curve would compare unlike with unlike
+        prefix = f"{r.name}: " if len(runs) > 1 else ""
+        lines = [("centred_pixels_knn_top1", "baseline_centred_pixels_knn_top1", "mean-centred pixels", "--"),
+                 ("pixels_knn_top1", "baseline_pixels_knn_top1", "raw pixels", "-."),
+                 ("random_knn_top1", "baseline_random_knn_top1", "random init", ":")]
+        for key, full_key, name, style in lines:
+            v = _num(mon.get(key)) if mon else _num(r.demo.get(full_key))
+            if v is not None:
+                extra.append(ax.axhline(v, color=color_of[r.label], ls=style, lw=1.1, alpha=0.8,
+                                        label=prefix + name))
     limits = {(r.cfg("eval.knn_train_limit"), r.cfg("eval.knn_test_limit")) for r in runs}
     subset = next((lim for lim in limits if any(lim)), None)
     ax.set_xlabel("epoch")
@@ -561,15 +562,32 @@ def _demo_section(runs: Sequence[RunData]) -> list[str]:
     for r in demo_runs:
         d = r.demo
         model = r.cfg("model.name", "network")
-        rows += [[r.name, "raw pixels", _f(d.get("baseline_pixels_knn_top1"))],
-                 [r.name, f"{model}, random initialisation", _f(d.get("baseline_random_knn_top1"))],
-                 [r.name, f"{model}, pre-trained ({d.get('epochs', '?')} epochs)", _f(d.get("knn_top1"))]]
-    lines += _table(["run", "features", "k-NN top-1 (%)"], rows)
+        mon = d.get("monitor_baselines") or {}
+
+        def row(name, full_key, mon_key):
+            return [r.name, name, _f(d.get(full_key))] + ([_f(mon.get(mon_key))] if mon else [])
+        rows += [row("raw pixels", "baseline_pixels_knn_top1", "pixels_knn_top1"),
+                 row("mean-centred pixels", "baseline_centred_pixels_knn_top1", "centred_pixels_knn_top1"),
+                 row(f"{model}, random initialisation", "baseline_random_knn_top1", "random_knn_top1"),
+                 row(f"{model}, pre-trained ({d.get('epochs', '?')} epochs)", "knn_top1", "pretrained_knn_top1")]
+    mons = [r.demo.get("monitor_baselines") for r in demo_runs if r.demo.get("monitor_baselines")]
+    header = ["run", "features", "k-NN top-1 (%), full sets"]
+    if mons and len(mons) == len(demo_runs):
+        header.append(f"monitor bank ({_int(mons[0].get('bank'))} / {_int(mons[0].get('queries'))})")
+    else:
+        rows = [cells[:3] for cells in rows]
+    lines += _table(header, rows)
     lines.append("")
     for r in demo_runs:
         d = r.demo
         lines.append(f"- {r.name}: {_int(d.get('images_seen'))} images in {_f(d.get('train_s'), 0)} s "
-                     f"({_f(d.get('imgs_per_s'), 0)} img/s); whole demo {_f(d.get('wall_s'), 0)} s.")
+                     f"({_f(d.get('imgs_per_s'), 0)} img/s); whole demo {_f(d.get('wall_s'), 0)} s"
+                     + (f" on {d['machine']}" if d.get("machine") else "") + ".")
+        b = d.get("budget")
+        if b:
+            lines.append(f"  Budget {_f(b.get('budget_min'), 0)} min: the speed probe measured "
+                         f"{_f(b.get('probe_imgs_per_s'), 1)} img/s, so the run was sized to {_int(b.get('steps'))} "
+                         f"steps ({_f(b.get('epochs'), 2)} epochs).")
     return lines + [""]
 
 

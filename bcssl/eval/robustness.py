@@ -87,7 +87,7 @@ ALEXNET_ERR: dict[str, float] = {
     "brightness": 0.564592, "contrast": 0.853204, "elastic_transform": 0.646056,
     "pixelate": 0.717840, "jpeg_compression": 0.606500,
 }
-"""AlexNet's ImageNet-C top-1 error per corruption, *mean over the 5 severities* (PAPER.md §4;
+"""AlexNet's ImageNet-C top-1 error per corruption, *mean over the 5 severities* (docs/recipe.md section 5;
 Hendrycks & Dietterich 2019). So sum_s err_AlexNet(c, s) = 5 * ALEXNET_ERR[c]."""
 
 MIN_SIDE = 32
@@ -626,7 +626,7 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), *, f
     """
     import json
 
-    from bcssl.data import dataset_from_config
+    from bcssl.data import dataset_from_config, eval_image_size
     from bcssl.engine.run_dir import write_json
     from bcssl.engine.runtime import load_run_backbone, resolve_device
     from bcssl.eval.linear import load_linear_classifier
@@ -645,7 +645,7 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), *, f
     classifier = load_linear_classifier(run_dir)
     device = resolve_device(device or cfg.device)
     c = cfg.crops
-    common = dict(size=c.global_size, mean=tuple(c.mean), std=tuple(c.std), batch_size=cfg.eval.batch_size,
+    common = dict(size=eval_image_size(cfg), mean=tuple(c.mean), std=tuple(c.std), batch_size=cfg.eval.batch_size,
                   device=device, progress=progress, limit=limit, amp=cfg.train.amp, sampling=sampling)
     if folder is not None:
         if kind is None:
@@ -655,7 +655,7 @@ def evaluate_run(run_dir: str | os.PathLike, overrides: Sequence[str] = (), *, f
         name = kind
     else:
         d = cfg.data
-        data = dataset_from_config(d, d.eval_split)
+        data = dataset_from_config(cfg, d.eval_split)
         if not hasattr(data, "images"):
             raise ValueError(f"on-the-fly corruptions need an in-memory dataset (data.name={d.name}); for "
                              "ImageNet pass the released ImageNet-C folder: --folder DIR --kind imagenet_c")

@@ -1,4 +1,4 @@
-"""Inference throughput (PAPER.md section 4, Table 3): images/s, forward only, after warm-up.
+"""Inference throughput (the paper's Table 3; docs/recipe.md section 5): images/s, forward only, after warm-up.
 
 The paper measures at 224 px, batch 64/128, AMP, on one GPU (A100: BC-SSL-T 1777 vs Swin-T 1326
 img/s, +34%). BC-SSL models are measured with the BatchNorm after each depthwise conv folded into
@@ -23,7 +23,6 @@ from bcssl.engine.amp import AMP_MODES
 from bcssl.engine.amp import autocast as amp_autocast
 from bcssl.eval.registry import Evaluation
 from bcssl.models import count_macs, count_params, create_backbone, list_backbones
-from bcssl.models import fold_bn as fold_bn_into_conv
 from bcssl.models.baselines import IMG_SIZE_BASELINES, KERNEL_SIZE_BASELINES
 
 def _sync(device: torch.device) -> None:
@@ -68,7 +67,7 @@ def measure_throughput(
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    in_chans = int(getattr(model, "in_chans", 3))
+    in_chans = int(model.in_chans)
     x = torch.randn(batch_size, in_chans, resolution, resolution, device=device)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -93,10 +92,6 @@ def measure_throughput(
         for m, training in modes:
             m.training = training
     return batch_size * iters / max(elapsed, 1e-12)
-
-
-def _has_foldable_bn(model: nn.Module) -> bool:
-    return any(isinstance(getattr(m, "bn_dw", None), nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
 
 def _check_names(names: Sequence[str]) -> None:
@@ -176,8 +171,8 @@ def _measure(models: Sequence[tuple[str, nn.Module]], *, resolution: int, batch_
             gmacs=round(count_macs(model, resolution, num_classes=1000) / 1e9, 2),
         )
         variants: list[tuple[Optional[bool], nn.Module]]
-        if _has_foldable_bn(model):
-            variants = [(True, fold_bn_into_conv(model))] if fold_bn else []
+        if model.has_foldable_bn:
+            variants = [(True, model.fold_bn())] if fold_bn else []
             if compare_unfolded or not fold_bn:
                 variants.append((False, model))
         else:

@@ -7,6 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from bcssl.engine.runtime import param_groups
 from bcssl.engine.schedules import cosine_schedule
 from bcssl.models import create_backbone
 
@@ -16,12 +17,10 @@ def backbone_kwargs(model_cfg, **overrides) -> dict:
     (e.g. ``drop_path_rate=0``) win. Keys left at None are not passed, so each model keeps its own
     default; lists become tuples."""
     kw = {}
-    for key in ("kernel_size", "dw_norm", "stem_stride", "drop_path_rate", "depths", "dims"):
+    for key in ("kernel_size", "dw_norm", "stem_stride", "drop_path_rate", "depths", "dims", "zero_init_last"):
         value = model_cfg.get(key)
         if value is not None:
             kw[key] = tuple(value) if OmegaConf.is_list(value) else value
-    if model_cfg.get("random_patch_projection"):  # MoCo v3's frozen random patch embedding (ViT only)
-        kw["random_patch_projection"] = True
     kw.update(overrides)
     return kw
 
@@ -32,9 +31,9 @@ def backbone_from_config(model_cfg, **overrides) -> nn.Module:
     try:
         return create_backbone(model_cfg.name, **kw)
     except TypeError as e:
-        if kw.get("random_patch_projection") and "random_patch_projection" in str(e):
-            raise ValueError(f"model.random_patch_projection=true needs a ViT backbone (vit_s16); "
-                             f"model.name={model_cfg.name} has no patch embedding") from None
+        if "zero_init_last" in kw and "zero_init_last" in str(e):
+            raise ValueError(f"model.zero_init_last applies to resnet50 only, not model.name={model_cfg.name}; "
+                             "leave it null") from None
         raise
 
 
@@ -47,7 +46,9 @@ class MultiCropWrapper(nn.Module):
         self.backbone = backbone
         self.head = head
 
-    def forward(self, crops: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, crops: list[torch.Tensor], return_features: bool = False):
+        """Head outputs of all crops, concatenated in crop order; with ``return_features`` also the
+        backbone features they were computed from."""
         feats, start = [], 0
         while start < len(crops):
             end = start
@@ -55,7 +56,9 @@ class MultiCropWrapper(nn.Module):
                 end += 1
             feats.append(self.backbone(torch.cat(crops[start:end])))
             start = end
-        return self.head(torch.cat(feats))
+        features = torch.cat(feats)
+        out = self.head(features)
+        return (out, features) if return_features else out
 
 
 @torch.no_grad()
@@ -65,6 +68,12 @@ def ema_update(target: Iterable[nn.Parameter], source: Iterable[nn.Parameter], m
     t, s = list(target), list(source)
     torch._foreach_mul_(t, momentum)
     torch._foreach_add_(t, s, alpha=1.0 - momentum)
+
+
+def decay_all_param_groups(module: nn.Module) -> list[dict]:
+    """Weight decay on every trained parameter (biases and norms too): one group, and an empty
+    second group so the trainer's ``[decayed, not decayed]`` layout holds."""
+    return [{"params": [p for p in module.parameters() if p.requires_grad]}, {"params": [], "weight_decay": 0.0}]
 
 
 def frozen_copy(target: nn.Module, source: nn.Module) -> nn.Module:
@@ -85,23 +94,34 @@ class SSLMethod(nn.Module):
     """
 
     student: nn.Module
+    base_momentum: float  # EMA momentum at step 0 (set by each method from its config section)
     # The network evaluated when ``eval.encoder`` is ``auto``: the one the method's paper and
     # official evaluation scripts use (DINO: the teacher; BYOL, MoCo v3, CARE: the online encoder).
     default_eval_encoder: str = "teacher"
     # The run length, set by setup(); until then a one-step run (a method used outside the trainer)
     steps_per_epoch: int = 1
     epochs: int = 1
+    total_steps: int = 1
 
-    def setup(self, steps_per_epoch: int, epochs: int) -> None:
-        """Called once by the trainer before training so schedules know the run length."""
+    def setup(self, steps_per_epoch: int, epochs: int, total_steps: int | None = None) -> None:
+        """Called once by the trainer before training so schedules know the run length
+        (``total_steps``: ``epochs x steps_per_epoch`` unless ``train.steps`` ends the last epoch early)."""
         self.steps_per_epoch = steps_per_epoch
         self.epochs = epochs
+        self.total_steps = total_steps if total_steps is not None else steps_per_epoch * epochs
 
     def momentum(self, step: int) -> float:
-        """EMA momentum of the teacher/target network: cosine from ``method.momentum_teacher``
-        to 1 over all steps (DINO's ``cosine_scheduler``, BYOL's ``target_ema``, MoCo v3's
-        ``adjust_moco_momentum``: the same formula)."""
-        return cosine_schedule(step, self.steps_per_epoch * self.epochs, self.cfg.momentum_teacher, 1.0)
+        """EMA momentum of the teacher/target network: cosine from :attr:`base_momentum` (the
+        method's ``method.dino.momentum_teacher`` / ``method.<name>.momentum``) to 1 over all steps
+        (DINO's ``cosine_scheduler``, BYOL's ``target_ema``, MoCo v3's ``adjust_moco_momentum``,
+        CARE's ``get_param_momentum``: the same formula)."""
+        return cosine_schedule(step, self.total_steps, self.base_momentum, 1.0)
+
+    def param_groups(self) -> list[dict]:
+        """The optimiser's two parameter groups ``[decayed, not decayed]`` of the student: by default
+        DINO's ``get_params_groups`` (no weight decay on biases and 1-D parameters). The trainer
+        schedules the first group's weight decay and keeps the second's at 0."""
+        return param_groups(self.student)
 
     def collapse_warning(self, logs: dict) -> str | None:
         """A one-line warning when the logged statistics (floats) say the run is collapsing,

@@ -4,11 +4,12 @@ Every detail is in this file:
 
 - online network = backbone + projector + predictor; projector and predictor are BYOL's
   ``networks.MLP``: Linear(bias) -> BatchNorm -> ReLU -> Linear(no bias), hidden 4096, out 256
-  (``method.proj_hidden_dim`` / ``method.proj_dim``); the predictor maps 256 -> 4096 -> 256.
+  (``method.byol.proj_hidden_dim`` / ``method.byol.proj_dim``); the predictor maps 256 -> 4096 -> 256.
 - target network = EMA copy of backbone + projector (parameters only; each network keeps its own
   BN statistics), no gradients, train mode (BN uses batch statistics), built without stochastic
   depth (as DINO's teacher; BYOL's ResNet has none). Momentum tau: cosine from
-  ``method.momentum_teacher`` (BYOL: 0.996 for 1000 epochs, 0.99 for 300) to 1 over all steps,
+  ``method.byol.momentum`` (BYOL's ``base_target_ema``: 0.996 for 1000 epochs, 0.99 for 300) to 1
+  over all steps,
   ``1 - (1 - tau_base) (cos(pi k / K) + 1) / 2``. (BYOL initialises the target from another
   seed and reports no difference; we start it as a copy of the online network, as DINO/MoCo.)
 - each view goes through the networks on its own (BYOL's ``apply_once_fn`` per view: BN batch
@@ -22,6 +23,10 @@ Every detail is in this file:
   trainer's multi-crop gives exactly BYOL's asymmetric pair (blur p 1.0 / 0.1, solarize p 0 / 0.2).
 - evaluation uses the *online* encoder: BYOL keeps f_theta ("at the end of training we only keep
   the encoder f_theta") and its evaluation reads ``byol_state.online_params``.
+- optimiser (the trainer's): BYOL's LARS excludes biases and BN parameters from weight decay and
+  the trust ratio (``exclude_bias_from_adaption``), which the default parameter groups give.
+- ResNet-50: BYOL's haiku ResNet zero-initialises the last BN of every block (``BlockV1``:
+  ``batchnorm_2`` with ``scale_init=jnp.zeros``): ``model.zero_init_last=true`` in its preset.
 """
 from __future__ import annotations
 
@@ -152,8 +157,9 @@ class BYOL(OnlineTargetMethod):
 
     def __init__(self, model_cfg, method_cfg):
         super().__init__()
-        m = method_cfg
+        m = method_cfg.byol  # method.byol.*
         self.cfg = m
+        self.base_momentum = float(m.momentum)
         backbone = backbone_from_config(model_cfg)
         encoder = Encoder(backbone, BYOLMLP(backbone.num_features, m.proj_hidden_dim, m.proj_dim))
         self.student = OnlineNetwork(encoder, BYOLMLP(m.proj_dim, m.proj_hidden_dim, m.proj_dim))

@@ -1,12 +1,13 @@
 """Baseline backbones the paper compares with, built by timm at random init (never downloaded).
 
-Registered names (PAPER.md section 3/5, Tables 1, 3, 5):
+Registered names (the paper's baselines, Tables 1, 3, 5; docs/recipe.md section 6):
 
-- ``resnet50``   ResNet-50 (23.5 M backbone params; 25.6 M with a 1000-way classifier)
+- ``resnet50``   ResNet-50 (23.5 M backbone params; 25.6 M with a 1000-way classifier),
+                 initialised as torchvision's (``zero_init_last`` for BYOL's / MoCo v3's init)
 - ``convnext_t`` vanilla ConvNeXt-T, LayerNorm only, depthwise kernel 7 by default
                  (27.8 M; 28.6 M with classifier); ``kernel_size`` 3/5/7/9/15 for Table 1/2
-- ``vit_s16``    ViT-S/16 (21.7 M; 22.1 M with classifier); ``random_patch_projection=True``
-                 freezes the patch embedding at its random init (MoCo v3)
+- ``vit_s16``    DINO's ViT-S/16: 6 heads, learned position embedding (21.7 M; 22.1 M with
+                 classifier). MoCo v3's ViT-S/16 is ``vit_s16_mocov3`` (``vit_mocov3.py``)
 - ``swin_t``     Swin-T, patch 4, window 7 (27.5 M; 28.3 M with classifier)
 
 Every factory takes the BC-SSL factories' keyword arguments (``kernel_size``, ``dw_norm``,
@@ -37,8 +38,8 @@ Input sizes (checked with a clear ``ValueError`` before timm's own asserts):
   window masks per forward so one model takes every such size; ``False`` precomputes them for
   ``img_size`` only (what the throughput benchmark uses).
 
-Each model is wrapped in :class:`TimmBackbone`, which gives the backbone contract of
-``bcssl/models/bcssl_convnext.py``.
+Each model is wrapped in a :class:`TimmBackbone` subclass (one per family: ResNet, ConvNeXt, ViT,
+Swin), which gives the backbone contract of ``bcssl/models/contract.py``.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ import torch
 import torch.nn as nn
 
 from .bcssl_convnext import _kernel_sizes
+from .contract import Backbone, StageInfo, TimmConvNeXtLayout
 from .registry import register_backbone
 
 # Values the BC-SSL factories (and the config's model.* keys) use by default; for a model without
@@ -129,55 +131,63 @@ def _side(img_size) -> tuple[int, int]:
     raise ValueError(f"img_size must be an int or (H, W), got {img_size!r}")
 
 
+def _cnn_reductions(stem_stride: int) -> tuple[int, ...]:
+    """Strides of the 4 stage maps of a CNN whose standard stem (stride 4) is scaled to ``stem_stride``."""
+    return tuple(stem_stride * 2 ** i for i in range(4))
+
+
 def _create_timm(arch: str, **kwargs) -> nn.Module:
     # pretrained=False: random init, nothing is ever downloaded; num_classes=0: no classifier.
     return timm.create_model(arch, pretrained=False, num_classes=0, **kwargs)
 
 
-class TimmBackbone(nn.Module):
-    """A timm model (``num_classes=0``) behind the bcssl backbone contract.
+class TimmBackbone(Backbone):
+    """A timm model (``num_classes=0``) behind the bcssl backbone contract (``contract.py``).
+
+    One subclass per family says what differs: which timm stages are the stage maps, the CAM
+    target layer and its reshape, the patch projection, the timm-ConvNeXt export layout.
 
     - ``forward(x) -> (B, num_features)``: timm ``forward_features`` + ``forward_head(pre_logits=True)``
       (ResNet/ConvNeXt/Swin: global average pool (+ LayerNorm for ConvNeXt); ViT: cls token).
+    - ``forward_intermediates(x)``: timm's final features and the stage maps (timm's
+      ``forward_intermediates`` at the family's stage indices; ViT: its one map of patch tokens);
+      ``forward_head(final)``: timm's ``forward_head(pre_logits=True)``.
     - ``forward_features(x) -> (B, C, H', W')``: CNN maps as they are, ViT patch tokens (cls
       dropped) reshaped to the patch grid, Swin NHWC permuted to NCHW.
-    - ``cam_target_layer``: CNN -> last block of the last stage; ViT/Swin -> ``norm1`` of the last
-      block (PAPER.md section 4). ``cam_reshape``: ``None`` for CNNs, else a callable for
-      pytorch-grad-cam's ``reshape_transform`` taking that layer's output to (B, C, h, w).
     - ``min_input_size``: smallest input side.
 
     Args:
         model: the timm model, built with ``num_classes=0``.
-        family: one of ``'resnet'``, ``'convnext'``, ``'vit'``, ``'swin'``.
         name: registry name (for messages).
         min_input_size: smallest input side.
+        reductions: the stride of each stage map with respect to the input.
         multiple_of: input sides must be multiples of this (the ViT/Swin patch size; 1 for CNNs).
         fixed_size: ``(H, W)`` the input must match exactly (ViT/Swin built without
             ``dynamic_img_size``), or ``None``.
     """
 
+    family = ""  # informational (repr); behaviour lives in the subclasses
+    stage_indices: tuple[int, ...] = (0, 1, 2, 3)  # timm forward_intermediates indices of the stage maps
+
     def __init__(
         self,
         model: nn.Module,
         *,
-        family: str,
         name: str,
         min_input_size: int,
+        reductions: Sequence[int],
         multiple_of: int = 1,
         fixed_size: Optional[tuple[int, int]] = None,
     ):
         super().__init__()
-        if family not in ("resnet", "convnext", "vit", "swin"):
-            raise ValueError(f"unknown family {family!r}")
         self.model = model
-        self.family = family
         self.name = name
         self.num_features = int(model.num_features)
         self.in_chans = int(getattr(model, "in_chans", 3))
         self._min_input_size = int(min_input_size)
+        self._reductions = tuple(int(r) for r in reductions)
         self.multiple_of = int(multiple_of)
         self.fixed_size = fixed_size
-        self._last_grid: Optional[tuple[int, int]] = None  # ViT patch grid of the last input (for CAM)
 
     # -- contract ---------------------------------------------------------------------------------
     @property
@@ -186,51 +196,31 @@ class TimmBackbone(nn.Module):
         return self._min_input_size
 
     @property
-    def cam_target_layer(self) -> nn.Module:
-        """Module Grad-CAM hooks (PAPER.md section 4)."""
-        m = self.model
-        if self.family == "resnet":
-            return m.layer4[-1]
-        if self.family == "convnext":
-            return m.stages[-1].blocks[-1]
-        if self.family == "vit":
-            return m.blocks[-1].norm1
-        return m.layers[-1].blocks[-1].norm1  # swin
-
-    @property
-    def cam_reshape(self) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
-        """``reshape_transform`` for pytorch-grad-cam: ``None`` for CNNs (maps are 2-D already)."""
-        if self.family == "vit":
-            return self._vit_tokens_to_map
-        if self.family == "swin":
-            return _nhwc_to_nchw
-        return None
+    def feature_info(self) -> list[StageInfo]:
+        info = self.model.feature_info  # timm's, at the standard stem: only channels and names are used
+        return [StageInfo(int(info[i]["num_chs"]), r, str(info[i]["module"]))
+                for i, r in zip(self.stage_indices, self._reductions)]
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Last-stage feature map ``(B, C, H', W')`` before pooling."""
-        t = self._timm_features(x)
-        if self.family == "vit":
-            return self._vit_tokens_to_map(t)
-        if self.family == "swin":
-            return _nhwc_to_nchw(t)
-        return t
+        return self._timm_features(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features ``(B, num_features)`` (timm's pre-logits)."""
         return self.model.forward_head(self._timm_features(x), pre_logits=True)
 
-    linear_features_kind = "pooled"
+    def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(final features, stage maps)`` in one pass (timm's ``forward_intermediates``)."""
+        self.check_input_size(x.shape[-2], x.shape[-1])
+        # norm=True: Swin's last map gets its final norm, as forward_features (a no-op for ResNet/ConvNeXt)
+        return self.model.forward_intermediates(x, indices=list(self.stage_indices), norm=True, output_fmt="NCHW")
 
-    def linear_features(self, x: torch.Tensor) -> torch.Tensor:
-        """What a linear probe reads (facebookresearch/dino eval_linear.py): the pooled features."""
-        return self(x)
+    def forward_head(self, final: torch.Tensor) -> torch.Tensor:
+        return self.model.forward_head(final, pre_logits=True)
 
     # -- helpers ----------------------------------------------------------------------------------
     def _timm_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input_size(x.shape[-2], x.shape[-1])
-        if self.family == "vit":
-            p = self.multiple_of
-            self._last_grid = (x.shape[-2] // p, x.shape[-1] // p)
         return self.model.forward_features(x)
 
     def check_input_size(self, h: int, w: int) -> None:
@@ -251,6 +241,88 @@ class TimmBackbone(nn.Module):
                 f"patch size {k} (e.g. {k * max(1, h // k)}x{k * max(1, w // k)})"
             )
 
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, family={self.family!r}, num_features={self.num_features}"
+
+
+class ResNetBackbone(TimmBackbone):
+    """timm ResNet: stage maps = ``layer1..layer4``; CAM on the last block of ``layer4``."""
+
+    family = "resnet"
+    stage_indices = (1, 2, 3, 4)  # timm's 0 is the stem's act1
+
+    @property
+    def cam_target_layer(self) -> nn.Module:
+        return self.model.layer4[-1]
+
+
+class ConvNeXtBackbone(TimmBackbone):
+    """timm ConvNeXt: stage maps = its 4 stages; CAM on the last block of the last stage."""
+
+    family = "convnext"
+
+    @property
+    def cam_target_layer(self) -> nn.Module:
+        return self.model.stages[-1].blocks[-1]
+
+    def timm_convnext(self) -> TimmConvNeXtLayout:
+        m = self.model
+        first = [s.blocks[0] for s in m.stages]
+        return TimmConvNeXtLayout(
+            tuple(len(s.blocks) for s in m.stages), tuple(b.conv_dw.out_channels for b in first),
+            tuple(b.conv_dw.kernel_size[0] for b in first), int(getattr(self, "stem_stride", m.stem[0].stride[0])),
+            self.in_chans, m.state_dict())
+
+
+class ViTBackbone(TimmBackbone):
+    """timm ViT: one stage map (the final, normalised patch tokens on the patch grid); CAM on
+    ``norm1`` of the last block (docs/recipe.md section 5, CAM maps), reshaped from tokens to the grid."""
+
+    family = "vit"
+    #: the linear probe reads DINO's features: the class tokens of the last ``n_last_blocks`` blocks,
+    #: each through the final norm, concatenated (facebookresearch/dino eval_linear.py,
+    #: ``n_last_blocks=4``, ``avgpool_patchtokens=False`` for ViT-S): 4 x 384 = 1536-d
+    n_last_blocks = 4
+    linear_features_kind = "cls_last_4_blocks"
+
+    def __init__(self, model: nn.Module, **kwargs):
+        super().__init__(model, **kwargs)
+        self._last_grid: Optional[tuple[int, int]] = None  # patch grid of the last input (for CAM)
+
+    @property
+    def feature_info(self) -> list[StageInfo]:
+        return [StageInfo(self.num_features, self.multiple_of, "norm")]
+
+    @property
+    def cam_target_layer(self) -> nn.Module:
+        return self.model.blocks[-1].norm1
+
+    @property
+    def cam_reshape(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return self._vit_tokens_to_map
+
+    @property
+    def patch_projection(self) -> nn.Module:
+        return self.model.patch_embed.proj
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self._vit_tokens_to_map(self._timm_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        tokens = self._timm_features(x)
+        return tokens, [self._vit_tokens_to_map(tokens)]
+
+    def linear_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input_size(x.shape[-2], x.shape[-1])
+        out = self.model.forward_intermediates(x, indices=self.n_last_blocks, return_prefix_tokens=True, norm=True,
+                                               output_fmt="NLC", intermediates_only=True)
+        return torch.cat([prefix[:, 0] for _, prefix in out], dim=-1)
+
+    def _timm_features(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.multiple_of
+        self._last_grid = (x.shape[-2] // p, x.shape[-1] // p)
+        return super()._timm_features(x)
+
     def _vit_tokens_to_map(self, tokens: torch.Tensor) -> torch.Tensor:
         """ViT tokens ``(B, prefix + N, C)`` -> patch tokens as ``(B, C, h, w)`` (cls dropped)."""
         n_prefix = int(getattr(self.model, "num_prefix_tokens", 1))
@@ -264,23 +336,27 @@ class TimmBackbone(nn.Module):
             grid = (side, side)
         return patches.transpose(1, 2).reshape(b, c, grid[0], grid[1])
 
-    def extra_repr(self) -> str:
-        return f"name={self.name!r}, family={self.family!r}, num_features={self.num_features}"
 
+class SwinBackbone(TimmBackbone):
+    """timm Swin: stage maps = its 4 stages (NHWC permuted to NCHW); CAM on ``norm1`` of the last
+    block (docs/recipe.md section 5, CAM maps)."""
 
-class ViTBackbone(TimmBackbone):
-    """A timm ViT whose linear-probe features are DINO's: the class tokens of the last
-    ``n_last_blocks`` blocks, each through the final norm, concatenated (facebookresearch/dino
-    eval_linear.py, ``n_last_blocks=4``, ``avgpool_patchtokens=False`` for ViT-S): 4 x 384 = 1536-d."""
+    family = "swin"
 
-    n_last_blocks = 4
-    linear_features_kind = "cls_last_4_blocks"
+    @property
+    def cam_target_layer(self) -> nn.Module:
+        return self.model.layers[-1].blocks[-1].norm1
 
-    def linear_features(self, x: torch.Tensor) -> torch.Tensor:
-        self.check_input_size(x.shape[-2], x.shape[-1])
-        out = self.model.forward_intermediates(x, indices=self.n_last_blocks, return_prefix_tokens=True, norm=True,
-                                               output_fmt="NLC", intermediates_only=True)
-        return torch.cat([prefix[:, 0] for _, prefix in out], dim=-1)
+    @property
+    def cam_reshape(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        return _nhwc_to_nchw
+
+    @property
+    def patch_projection(self) -> nn.Module:
+        return self.model.patch_embed.proj
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return _nhwc_to_nchw(self._timm_features(x))
 
 
 def _nhwc_to_nchw(x: torch.Tensor) -> torch.Tensor:
@@ -307,19 +383,28 @@ def resnet50(
     layer_scale_init=BCSSL_DEFAULT_LAYER_SCALE,
     img_size=None,
     in_chans: int = 3,
+    zero_init_last: Optional[bool] = None,
 ) -> TimmBackbone:
     """ResNet-50 (timm ``resnet50``, torchvision-style v1.5), random init.
 
     ``depths``: bottleneck blocks per stage (default 3,4,6,3); ``dims``: stage output widths
     (default 256,512,1024,2048, multiples of 4: the bottleneck width is dims/4).
     ``stem_stride`` 2 drops the stem max-pool, 1 also the stride of the 7x7 stem conv.
+
+    Initialised as torchvision's ``resnet50()`` (kaiming-normal fan-out convs, BN 1/0), which DINO
+    (main_dino.py: ``torchvision_models.__dict__[arch]()``) and CARE (models/resnet_care.py,
+    ``zero_init_residual=False``) train. ``zero_init_last=True`` zero-initialises the last BN of
+    every block instead, as timm's default, BYOL's haiku ResNet (``BlockV1``: ``batchnorm_2`` with
+    ``scale_init=jnp.zeros``) and MoCo v3 (main_moco.py: ``zero_init_residual=True``). ``None``
+    means False.
     """
     name = "resnet50"
     s = _check_common(name, stem_stride, drop_path_rate, in_chans)
     _no_depthwise(name, kernel_size, dw_norm)
     if not _unset(layer_scale_init, BCSSL_DEFAULT_LAYER_SCALE):
         _reject(name, "layer_scale_init", layer_scale_init, "ResNet has no layer scale")
-    kw: dict = dict(drop_path_rate=float(drop_path_rate), in_chans=int(in_chans))
+    kw: dict = dict(drop_path_rate=float(drop_path_rate), in_chans=int(in_chans),
+                    zero_init_last=bool(zero_init_last))  # timm defaults to True; torchvision to False
     if depths is not None:
         kw["layers"] = _four_ints(name, "depths", depths)
     if dims is not None:
@@ -335,7 +420,7 @@ def resnet50(
     min_size = 8 * s
     if img_size is not None and min(_side(img_size)) < min_size:
         raise ValueError(f"{name}: img_size {img_size} is below its minimum {min_size} (stem_stride={s})")
-    return TimmBackbone(model, family="resnet", name=name, min_input_size=min_size)
+    return ResNetBackbone(model, name=name, min_input_size=min_size, reductions=_cnn_reductions(s))
 
 
 @register_backbone("convnext_t")
@@ -388,7 +473,7 @@ def convnext_t(
     min_size = 8 * s
     if img_size is not None and min(_side(img_size)) < min_size:
         raise ValueError(f"{name}: img_size {img_size} is below its minimum {min_size} (stem_stride={s})")
-    backbone = TimmBackbone(model, family="convnext", name=name, min_input_size=min_size)
+    backbone = ConvNeXtBackbone(model, name=name, min_input_size=min_size, reductions=_cnn_reductions(s))
     backbone.kernel_sizes = ks
     backbone.dw_norm = "ln"
     backbone.stem_stride = s
@@ -405,31 +490,10 @@ def _check_img_size(name: str, img_size, patch: int) -> tuple[int, int]:
     return hw
 
 
-@register_backbone("vit_s16")
-def vit_s16(
-    *,
-    kernel_size=BCSSL_DEFAULT_KERNEL_SIZE,
-    dw_norm=BCSSL_DEFAULT_DW_NORM,
-    stem_stride: int = 4,
-    drop_path_rate: float = 0.0,
-    depths=None,
-    dims=None,
-    layer_scale_init=BCSSL_DEFAULT_LAYER_SCALE,
-    img_size=224,
-    in_chans: int = 3,
-    dynamic_img_size: bool = True,
-    random_patch_projection: bool = False,
-) -> TimmBackbone:
-    """ViT-S/16 (timm ``vit_small_patch16_224``): 12 blocks, width 384, 6 heads, cls-token pooling.
-
-    ``img_size``: the position-embedding grid (multiple of the patch). ``dynamic_img_size``: accept
-    any multiple of the patch by interpolating the position embedding (default; needed for
-    multi-crop). ``random_patch_projection``: MoCo v3's trick -- patch-embedding weight
-    xavier-uniform, bias zero, both frozen (``requires_grad=False``). ``stem_stride`` s: patch
-    4 s. ``depths``/``dims``: one int each (depth, width; heads = width / 64, at least 1).
-    ``layer_scale_init`` other than the BC-SSL default 1e-6 / None enables timm's layer scale.
-    """
-    name = "vit_s16"
+def vit_timm_kwargs(name: str, *, kernel_size, dw_norm, stem_stride, drop_path_rate, depths, dims,
+                    layer_scale_init, img_size, in_chans, dynamic_img_size, head_dim: int) -> tuple[dict, int, tuple]:
+    """Validated timm ``VisionTransformer`` kwargs of a ViT factory: ``(kwargs, patch, (H, W))``.
+    ``stem_stride`` s: patch 4 s; ``dims`` width (heads = width / ``head_dim``, at least 1)."""
     s = _check_common(name, stem_stride, drop_path_rate, in_chans)
     _no_depthwise(name, kernel_size, dw_norm)
     patch = 4 * s
@@ -445,38 +509,56 @@ def vit_s16(
         kw["depth"] = _one_int(name, "depths", depths)
     if dims is not None:
         width = _one_int(name, "dims", dims)
-        heads = max(1, width // 64)
+        heads = max(1, width // head_dim)
         if width % heads:
-            raise ValueError(f"{name}: dims {width} must be divisible by its {heads} heads (width / 64)")
+            raise ValueError(f"{name}: dims {width} must be divisible by its {heads} heads (width / {head_dim})")
         kw["embed_dim"], kw["num_heads"] = width, heads
     if not _unset(layer_scale_init, BCSSL_DEFAULT_LAYER_SCALE):
         kw["init_values"] = float(layer_scale_init)
-    model = _create_timm("vit_small_patch16_224", **kw)
-    if random_patch_projection:
-        _freeze_random_patch_projection(model)
+    return kw, patch, hw
+
+
+def vit_backbone(model: nn.Module, name: str, patch: int, hw: tuple, dynamic_img_size: bool) -> ViTBackbone:
+    """A timm ViT behind the contract (one stage map, reduction = the patch)."""
     backbone = ViTBackbone(
-        model, family="vit", name=name, min_input_size=patch, multiple_of=patch,
+        model, name=name, min_input_size=patch, reductions=(patch,), multiple_of=patch,
         fixed_size=None if dynamic_img_size else hw,
     )
     backbone.patch_size = patch
     backbone.img_size = hw
-    backbone.random_patch_projection = bool(random_patch_projection)
     return backbone
 
 
-@torch.no_grad()
-def _freeze_random_patch_projection(vit: nn.Module) -> None:
-    """MoCo v3 random patch projection: xavier-uniform weight (fan over the flattened patch),
-    zero bias, both frozen at that random init."""
-    proj = vit.patch_embed.proj
-    fan_in = proj.weight[0].numel()  # in_chans * p * p
-    fan_out = proj.weight.shape[0]  # embed_dim
-    val = math.sqrt(6.0 / float(fan_in + fan_out))
-    nn.init.uniform_(proj.weight, -val, val)
-    proj.weight.requires_grad_(False)
-    if proj.bias is not None:
-        nn.init.zeros_(proj.bias)
-        proj.bias.requires_grad_(False)
+@register_backbone("vit_s16")
+def vit_s16(
+    *,
+    kernel_size=BCSSL_DEFAULT_KERNEL_SIZE,
+    dw_norm=BCSSL_DEFAULT_DW_NORM,
+    stem_stride: int = 4,
+    drop_path_rate: float = 0.0,
+    depths=None,
+    dims=None,
+    layer_scale_init=BCSSL_DEFAULT_LAYER_SCALE,
+    img_size=224,
+    in_chans: int = 3,
+    dynamic_img_size: bool = True,
+) -> TimmBackbone:
+    """ViT-S/16 (timm ``vit_small_patch16_224``, = DINO's ``vits.vit_small``): 12 blocks, width 384,
+    6 heads, learned position embedding, cls-token pooling. (MoCo v3's ViT-S/16 is another model:
+    ``vit_s16_mocov3``.)
+
+    ``img_size``: the position-embedding grid (multiple of the patch). ``dynamic_img_size``: accept
+    any multiple of the patch by interpolating the position embedding (default; needed for
+    multi-crop). ``stem_stride`` s: patch 4 s. ``depths``/``dims``: one int each (depth, width;
+    heads = width / 64, at least 1). ``layer_scale_init`` other than the BC-SSL default 1e-6 / None
+    enables timm's layer scale.
+    """
+    name = "vit_s16"
+    kw, patch, hw = vit_timm_kwargs(
+        name, kernel_size=kernel_size, dw_norm=dw_norm, stem_stride=stem_stride, drop_path_rate=drop_path_rate,
+        depths=depths, dims=dims, layer_scale_init=layer_scale_init, img_size=img_size, in_chans=in_chans,
+        dynamic_img_size=dynamic_img_size, head_dim=64)
+    return vit_backbone(_create_timm("vit_small_patch16_224", **kw), name, patch, hw, dynamic_img_size)
 
 
 @register_backbone("swin_t")
@@ -529,9 +611,9 @@ def swin_t(
             raise ValueError(f"{name}: dims {dims} must be divisible by their heads {heads} (width / 32)")
         kw["embed_dim"], kw["num_heads"] = dims[0], heads
     model = _create_timm("swin_tiny_patch4_window7_224", **kw)
-    backbone = TimmBackbone(
-        model, family="swin", name=name, min_input_size=patch, multiple_of=patch,
-        fixed_size=None if dynamic_img_size else hw,
+    backbone = SwinBackbone(
+        model, name=name, min_input_size=patch, reductions=tuple(patch * 2 ** i for i in range(4)),
+        multiple_of=patch, fixed_size=None if dynamic_img_size else hw,
     )
     backbone.patch_size = patch
     backbone.img_size = hw

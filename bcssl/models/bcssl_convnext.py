@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .contract import Backbone, StageInfo, TimmConvNeXtLayout
 from .registry import register_backbone
 
 DW_NORMS = ("bn+ln", "ln", "bn")
@@ -112,6 +113,26 @@ class Mlp(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
+def _exporting() -> bool:
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_exporting()
+
+
+def depthwise_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for a 'same'-padded depthwise conv, with the kernel cut to the taps that can
+    reach a pixel: on an H x W map an output pixel sees inputs at most H - 1 rows and W - 1 columns
+    away, so a k x k kernel with k > 2H - 1 (a 9x9 kernel on the 4x4 and 2x2 maps of 32 px crops)
+    multiplies padding zeros with its outer taps. Cutting them gives the same output and the same
+    gradients (the cut taps' gradient is exactly zero either way) for 81/49 to 81/1 fewer
+    multiply-adds. Traced or exported graphs keep the full kernel (their input size may change)."""
+    kh, kw = conv.kernel_size
+    ph, pw = kh // 2, kw // 2
+    rh, rw = min(ph, x.shape[-2] - 1), min(pw, x.shape[-1] - 1)
+    if (rh, rw) == (ph, pw) or _exporting():
+        return conv(x)
+    weight = conv.weight[:, :, ph - rh:ph + rh + 1, pw - rw:pw + rw + 1]
+    return F.conv2d(x, weight, conv.bias, padding=(rh, rw), groups=conv.groups)
+
+
 class BCSSLBlock(nn.Module):
     """ConvNeXt block with the BC-SSL changes.
 
@@ -141,7 +162,7 @@ class BCSSLBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shortcut = x
-        x = self.bn_dw(self.conv_dw(x))
+        x = self.bn_dw(depthwise_conv(self.conv_dw, x))
         x = x.permute(0, 2, 3, 1)
         x = self.mlp(self.norm(x))
         if self.gamma is not None:
@@ -193,8 +214,8 @@ class PoolNormHead(nn.Module):
         return self.norm(x.mean(dim=(-2, -1)))
 
 
-class BCSSLConvNeXt(nn.Module):
-    """BC-SSL ConvNeXt backbone (no classifier).
+class BCSSLConvNeXt(Backbone):
+    """BC-SSL ConvNeXt backbone (no classifier), behind the backbone contract (``contract.py``).
 
     Args:
         depths: blocks per stage (4 ints).
@@ -208,7 +229,9 @@ class BCSSLConvNeXt(nn.Module):
         in_chans: input channels.
 
     ``forward(x) -> (B, num_features)`` (pooled, ``head.norm``);
-    ``forward_features(x) -> (B, dims[-1], H / (8 * stem_stride), W / (8 * stem_stride))``.
+    ``forward_features(x) -> (B, dims[-1], H / (8 * stem_stride), W / (8 * stem_stride))``;
+    ``forward_intermediates(x)`` -> the last map and the 4 stage maps, of strides
+    ``stem_stride * (1, 2, 4, 8)``.
     """
 
     cam_reshape = None  # CNN feature maps are already 2-D; nothing to reshape for CAM
@@ -281,8 +304,11 @@ class BCSSLConvNeXt(nn.Module):
         """Module Grad-CAM hooks: the last block of the last stage."""
         return self.stages[-1].blocks[-1]
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Last-stage feature map ``(B, C, H', W')`` before pooling."""
+    @property
+    def feature_info(self) -> list[StageInfo]:
+        return [StageInfo(self.dims[i], self.stem_stride * 2 ** i, f"stages.{i}") for i in range(4)]
+
+    def _check_size(self, x: torch.Tensor) -> None:
         h, w = x.shape[-2], x.shape[-1]
         m = self.min_input_size
         if h < m or w < m:
@@ -290,7 +316,20 @@ class BCSSLConvNeXt(nn.Module):
                 f"input {h}x{w} is too small for stem_stride={self.stem_stride}: "
                 f"need at least {m}x{m}"
             )
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Last-stage feature map ``(B, C, H', W')`` before pooling."""
+        self._check_size(x)
         return self.stages(self.stem(x))
+
+    def forward_intermediates(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(last stage map, [the 4 stage maps])`` in one pass."""
+        self._check_size(x)
+        maps, h = [], self.stem(x)
+        for stage in self.stages:
+            h = stage(h)
+            maps.append(h)
+        return h, maps
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         """Pool a feature map and apply ``head.norm`` -> ``(B, num_features)``."""
@@ -300,11 +339,32 @@ class BCSSLConvNeXt(nn.Module):
         """Pooled, normalised features ``(B, num_features)``."""
         return self.head(self.forward_features(x))
 
-    linear_features_kind = "pooled"
+    @property
+    def has_foldable_bn(self) -> bool:
+        return any(isinstance(getattr(m, "bn_dw", None), nn.modules.batchnorm._BatchNorm) for m in self.modules())
 
-    def linear_features(self, x: torch.Tensor) -> torch.Tensor:
-        """What a linear probe reads (facebookresearch/dino eval_linear.py): the pooled features."""
-        return self(x)
+    def fold_bn(self) -> "BCSSLConvNeXt":
+        """Eval-mode copy with every ``bn_dw`` folded into its depthwise conv (:func:`fold_bn`)."""
+        return fold_bn(self)
+
+    def architecture(self) -> tuple[str, dict]:
+        """``("BCSSLConvNeXt", kwargs)``: ``BCSSLConvNeXt(**kwargs)`` rebuilds this architecture
+        (no drop path: inference)."""
+        block = self.stages[0].blocks[0]
+        return "BCSSLConvNeXt", {
+            "depths": list(self.depths), "dims": list(self.dims), "kernel_size": list(self.kernel_sizes),
+            "dw_norm": self.dw_norm, "stem_stride": self.stem_stride,
+            "layer_scale_init": 1e-6 if block.gamma is not None else None, "in_chans": self.in_chans}
+
+    def timm_convnext(self) -> TimmConvNeXtLayout:
+        """The BN-folded model as timm's ConvNeXt (same parameter names); ``dw_norm='bn'`` has no
+        LayerNorm in its blocks, which timm's ConvNeXt always has: ``ValueError``."""
+        if self.dw_norm == "bn":
+            raise ValueError("dw_norm='bn' (BatchNorm replaces ConvNeXt's LayerNorm) cannot be expressed as a "
+                             "timm ConvNeXt, whose blocks always have a LayerNorm")
+        folded = self.fold_bn() if self.has_foldable_bn else self
+        return TimmConvNeXtLayout(tuple(self.depths), tuple(self.dims), tuple(self.kernel_sizes),
+                                  self.stem_stride, self.in_chans, folded.state_dict())
 
 
 def _init_weights(module: nn.Module) -> None:

@@ -1,8 +1,10 @@
 """Backbone registry: ``register_backbone``, ``create_backbone``, ``list_backbones``.
 
-Every backbone factory takes keyword arguments only and returns an ``nn.Module`` that satisfies
-the backbone contract (``num_features``, ``forward``, ``forward_features``, ``cam_target_layer``,
-``cam_reshape``); see ``bcssl/models/bcssl_convnext.py`` for the reference implementation.
+Every backbone factory takes keyword arguments only and returns a
+:class:`bcssl.models.contract.Backbone` (the written backbone contract: pooled features, stage
+maps with their strides and channels, CAM layer, patch projection, BN folding, export layout);
+``create_backbone`` refuses anything else. A new family is one file with a ``Backbone`` subclass
+and a ``@register_backbone("name")`` factory, imported from ``bcssl/models/__init__.py``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,8 @@ import difflib
 from typing import Callable, Dict
 
 import torch.nn as nn
+
+from .contract import check_backbone
 
 BackboneFactory = Callable[..., nn.Module]
 
@@ -46,7 +50,8 @@ def list_backbones() -> list[str]:
 def create_backbone(name: str, **kwargs) -> nn.Module:
     """Build the backbone registered as ``name`` with ``kwargs``.
 
-    Raises ``ValueError`` for an unknown name, naming the closest valid one and listing all.
+    Raises ``ValueError`` for an unknown name, naming the closest valid one and listing all, and
+    ``TypeError`` when the factory returns something that is not a ``Backbone``.
     """
     fn = _REGISTRY.get(name)
     if fn is None:
@@ -56,4 +61,4 @@ def create_backbone(name: str, **kwargs) -> nn.Module:
         closest = difflib.get_close_matches(str(name).lower(), list(lower), n=1, cutoff=0.0)
         hint = f" (did you mean {lower[closest[0]]!r}?)" if closest else ""
         raise ValueError(f"unknown backbone {name!r}{hint}; valid backbones: {', '.join(valid)}")
-    return fn(**kwargs)
+    return check_backbone(fn(**kwargs), name)

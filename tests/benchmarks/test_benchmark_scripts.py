@@ -26,12 +26,13 @@ def test_train_throughput_option_rows(tiny_fmnist):
     out = subprocess.run(
         [sys.executable, os.path.join(REPO, "benchmarks", "train_throughput.py"), "--steps", "1", "--rounds", "1",
          "--warmup", "1", "--batch", "8", "--threads", "1", "--device", "cpu", "--only-options",
-         "--options", "channels_last,compile,bf16,fp16,fused,channels_last+bf16", "--json",
+         "--options", "channels_last,compile,bf16,fp16,fused,channels_last+bf16,full_kernel", "--json",
          f"data.root={tiny_fmnist}", "train.compile_backend=aot_eager", *TINY_MODEL, *TINY_HEAD, *TINY_CROPS],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
     assert out.returncode == 0, out.stderr[-2000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
-    assert set(result["options"]) == {"plain", "channels_last", "compile", "bf16", "fused", "channels_last+bf16"}
+    assert set(result["options"]) == {"plain", "channels_last", "compile", "bf16", "fused", "channels_last+bf16",
+                                      "full_kernel"}
     assert result["options"]["plain"]["over_plain"] == 1.0
     assert all(row["img_s"] > 0 and row["over_plain"] > 0 for row in result["options"].values())
     assert "bcssl_end_to_end_img_s" not in result  # --only-options: no (a)-(c)
@@ -54,3 +55,20 @@ def test_reference_loader_keeps_working_while_timed():
     for i in range(7):
         ds[i]
     assert [c.getpixel((0, 0))[0] for c in calls] == [0, 16, 32, 0, 16, 32, 0]
+
+
+def test_imagenet_like_prints_the_three_rates_and_ratios(tmp_path):
+    """The ImageNet-like benchmark at toy scale: it writes its JPEG folder and reports (a), (b), (c)."""
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO, "benchmarks", "imagenet_like.py"), "--out", str(tmp_path / "jpegs"),
+         "--images", "12", "--side", "40,90", "--cases", "demo", "--batch-demo", "4", "--steps", "1", "--rounds", "1",
+         "--workers", "1", "--threads", "1", "--data-rounds", "1", "crops.global_size=32", "crops.local_size=32",
+         "crops.n_local=1",
+         "method.dino.out_dim=64", "method.dino.hidden_dim=32", "method.dino.bottleneck_dim=16"],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": REPO})
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    demo = result["cases"]["demo"]
+    assert demo["bcssl_end_to_end_img_s"] > 0 and demo["pil_reference_img_s"] > 0 and demo["crops"] == "2x32 + 1x32"
+    assert len(list((tmp_path / "jpegs").glob("*.jpg"))) == 12 and "(a)/(c)" in out.stdout and result["cpu"]
+    assert result["data_path_ms_per_image"]["dino_pil"] > 0 and "PIL / bcssl workers" in out.stdout

@@ -19,6 +19,7 @@ from bcssl.data import (
     DatasetNotFoundError,
     ImageFolderDataset,
     InMemoryImages,
+    Unreadable,
     build_dataset,
     load_fashion_mnist,
     load_torchvision,
@@ -182,7 +183,7 @@ def test_image_folder_scan_and_decode(tmp_path):
     root = tmp_path / "imgs"
     make_folder(root)
     ds = ImageFolderDataset(root, load_size=24)
-    assert ds.classes == ["cat", "dog"] and ds.num_classes == 2
+    assert ds.classes == ["cat", "dog"] and ds.num_classes == 2 and ds.labelled
     assert len(ds) == 7  # 5 good + 2 bad (found by extension, not opened at scan time)
     names = [os.path.relpath(ds.path(i), root) for i in range(len(ds))]
     assert names[:3] == ["cat/a.png", "cat/b.jpg", "cat/sub/c.png"]
@@ -193,8 +194,29 @@ def test_image_folder_scan_and_decode(tmp_path):
     assert img[0].float().mean() > 250 and img[1:].float().max() < 5  # red, resized
     img, lab = ds[names.index("dog/d.jpeg")]
     assert img.shape == (3, 24, 24) and lab == 1
-    assert ds[names.index("dog/trunc.jpg")] is None
-    assert ds[names.index("dog/fake.png")] is None
+    bad = ds[names.index("dog/trunc.jpg")]
+    assert isinstance(bad, Unreadable) and bad.path.endswith("trunc.jpg") and "runcated" in bad.reason
+    bad = ds[names.index("dog/fake.png")]
+    assert isinstance(bad, Unreadable) and "cannot identify" in bad.reason
+
+
+def test_image_folder_eval_transform_is_dinos_resize_then_center_crop(tmp_path):
+    """dataset[i] == torchvision Resize(R, bicubic) + CenterCrop(C) of the original image (DINO's
+    eval_knn / eval_linear transform), exactly, for any aspect ratio."""
+    from torchvision import transforms
+
+    rng = np.random.default_rng(1)
+    (tmp_path / "c").mkdir()
+    for k, (w, h) in enumerate([(61, 45), (30, 80), (40, 40)]):
+        low = rng.integers(0, 256, (5, 6, 3), dtype=np.uint8)
+        Image.fromarray(low).resize((w, h), Image.Resampling.BILINEAR).save(tmp_path / "c" / f"{k}.png")
+    ds = ImageFolderDataset(tmp_path, resize_size=20, crop_size=16)
+    ref = transforms.Compose([transforms.Resize(20, transforms.InterpolationMode.BICUBIC), transforms.CenterCrop(16)])
+    for i in range(len(ds)):
+        img, _ = ds[i]
+        expected = np.array(ref(Image.open(ds.path(i)).convert("RGB")))
+        assert img.shape == (3, 16, 16) and np.array_equal(img.permute(1, 2, 0).numpy(), expected)
+    assert ds.image_shape == (3, 16, 16) and ds.eval_transform == "resize20-centercrop16"
 
 
 def test_image_folder_resize_shorter_side_then_center_crop(tmp_path):
@@ -211,35 +233,34 @@ def test_image_folder_resize_shorter_side_then_center_crop(tmp_path):
     assert inner[1].min() > 240 and inner[0].max() < 15 and inner[2].max() < 15
 
 
-def test_loader_drops_bad_images_with_one_warning(tmp_path):
+def test_loader_drops_bad_images_with_one_log_line(tmp_path, caplog):
     root = tmp_path / "imgs"
     counts = make_folder(root)
     ds = ImageFolderDataset(root, load_size=16)
     loader = BatchLoader(ds, 3, seed=0, drop_last=False)
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        batches = list(loader.epoch(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no Python warning: bcssl's own log line
+        with caplog.at_level("WARNING", logger="bcssl"):
+            batches = list(loader.epoch(0))
     assert len(batches) == len(loader) == 3
     assert sum(x.shape[0] for x, _ in batches) == counts["good"]
     for x, y in batches:
         assert x.dtype == torch.uint8 and x.shape[1:] == (3, 16, 16) and y.dtype == torch.int64
         assert x.shape[0] == y.shape[0]
     assert loader.skipped == counts["bad"]
-    msgs = [str(w.message) for w in rec if "unreadable" in str(w.message)]
-    assert len(msgs) == 1 and ("trunc.jpg" in msgs[0] or "fake.png" in msgs[0])
+    msgs = [r.getMessage() for r in caplog.records if r.name == "bcssl"]
+    assert len(msgs) == 1 and msgs[0].startswith("skipping unreadable image ")
+    assert ("trunc.jpg (OSError" in msgs[0] or "fake.png (UnidentifiedImageError" in msgs[0]), msgs
     # the dropped items were both dogs: 3 cats and 2 dogs remain
     ys = torch.cat([y for _, y in batches])
     assert sorted(ys.tolist()) == [0, 0, 0, 1, 1]
-    # a second epoch keeps counting but does not warn again
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        list(loader.epoch(1))
-    assert loader.skipped == 2 * counts["bad"] and not rec
+    # a second epoch keeps counting but does not log again
+    caplog.clear()
+    list(loader.epoch(1))
+    assert loader.skipped == 2 * counts["bad"] and not caplog.records
     # both bad files in one batch: counted individually, batch just smaller
     one = BatchLoader(ds, len(ds), shuffle=False)
-    with warnings.catch_warnings(record=True):
-        warnings.simplefilter("always")
-        (x, y), = list(one.epoch(0))
+    (x, y), = list(one.epoch(0))
     assert one.skipped == counts["bad"] and x.shape[0] == y.shape[0] == counts["good"]
 
 
@@ -247,90 +268,98 @@ def test_loader_workers_same_as_main_process(tmp_path):
     root = tmp_path / "imgs"
     make_folder(root)
     ds = ImageFolderDataset(root, load_size=8)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        a = list(BatchLoader(ds, 2, seed=3, drop_last=False).epoch(0))
-        lw = BatchLoader(ds, 2, seed=3, drop_last=False, workers=1)
-        b = list(lw.epoch(0))
+    a = list(BatchLoader(ds, 2, seed=3, drop_last=False).epoch(0))
+    lw = BatchLoader(ds, 2, seed=3, drop_last=False, workers=1)
+    b = list(lw.epoch(0))
     assert lw.skipped == 2
     assert len(a) == len(b)
     for (xa, ya), (xb, yb) in zip(a, b):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
 
 
-def smooth_jpegs(root: Path, sizes) -> None:
-    """Smooth (upsampled noise) JPEGs of the given (w, h) in class folder c."""
-    (root / "c").mkdir(parents=True)
+def test_flat_folder_and_file_list_are_unlabelled(tmp_path, caplog):
+    flat = tmp_path / "flat"
+    for k in range(3):
+        save_image(flat / f"{k}.jpg", (12 + k, 10), (k * 50, 0, 0))
+    (flat / "readme.txt").write_text("not an image")
+    ds = build_dataset("image_folder", flat)
+    assert len(ds) == 3 and ds.classes == [] and not ds.labelled and ds.targets.tolist() == [-1, -1, -1]
+    img, label = ds[1]
+    assert label == -1 and img.shape == (3, 224, 224)  # DINO's eval transform by default
+    # a file list: paths relative to the root, blank lines and comments skipped, any order, a missing
+    # file is just an unreadable item (counted by the loader), not a scan-time error
+    (tmp_path / "list.txt").write_text("# pre-training subset\n2.jpg\n\n0.jpg\nmissing.jpg\n")
+    ds = build_dataset("image_folder", flat, file_list=tmp_path / "list.txt")
+    assert [Path(ds.path(i)).name for i in range(len(ds))] == ["2.jpg", "0.jpg", "missing.jpg"]
+    assert not ds.labelled and isinstance(ds[2], Unreadable) and "file_list" in repr(ds)
+    (flat / "inside.txt").write_text("1.jpg\n")  # a relative list not in the cwd is looked up in the root
+    assert len(build_dataset("image_folder", flat, file_list="inside.txt")) == 1
+    with pytest.raises(DatasetNotFoundError, match="data.file_list nope.txt not found"):
+        build_dataset("image_folder", flat, file_list="nope.txt")
+    (tmp_path / "empty.txt").write_text("# nothing\n\n")
+    with pytest.raises(DatasetNotFoundError, match="lists no images"):
+        build_dataset("image_folder", flat, file_list=tmp_path / "empty.txt")
+    save_image(flat / "thumbs" / "t.jpg", (8, 8), (0, 0, 0))  # a sub-folder makes it a class folder tree
+    with caplog.at_level("WARNING", logger="bcssl"):
+        ds = build_dataset("image_folder", flat)
+    assert ds.classes == ["thumbs"] and len(ds) == 1
+    assert "3 image(s) directly in the folder are not used" in caplog.text
+
+
+def test_evaluations_need_labels(tmp_path):
+    from bcssl.config import load_config
+    from bcssl.data import dataset_from_config, evaluation_labels_missing, train_and_eval_sets
+
+    save_image(tmp_path / "flat" / "0.jpg", (12, 10), (1, 2, 3))
+    save_image(tmp_path / "labelled" / "train" / "a" / "0.jpg", (12, 10), (1, 2, 3))
+    save_image(tmp_path / "labelled" / "val" / "a" / "1.jpg", (12, 10), (1, 2, 3))
+    cfg = load_config(None, ["data.name=image_folder", f"data.root={tmp_path / 'flat'}", "data.eval_split=val",
+                             "eval.data.resize_size=12", "eval.data.crop_size=8"])
+    assert "eval.data.root=DIR" in evaluation_labels_missing(cfg)
+    with pytest.raises(ValueError, match="flat folder without class folders.*eval.data.root=DIR"):
+        dataset_from_config(cfg, "train")
+    cfg.eval.data.root = str(tmp_path / "labelled")
+    assert evaluation_labels_missing(cfg) is None
+    sets = train_and_eval_sets(cfg)
+    assert sets["val"].root == tmp_path / "labelled" / "val" and sets["val"][0][0].shape == (3, 8, 8)
+
+
+def test_decode_on_device_cuts_the_workers_crops(tmp_path):
+    """data.decode_on_device: each batch decoded by torchvision (here on the CPU) and cut into the
+    same boxes as the PIL workers (same sampler, same seeds): PyTorch's antialiased bicubic follows
+    PIL's filter, so crops agree up to rounding (and a little more at box edges, where PIL's
+    crop-then-resize and the device's region resize both clamp); bad files are dropped and counted."""
+    from bcssl.data.multicrop import MultiCropConfig
+
     rng = np.random.default_rng(0)
-    for k, (w, h) in enumerate(sizes):
-        low = torch.from_numpy(rng.integers(0, 256, (1, 3, 4, 4)).astype(np.float32))
-        arr = torch.nn.functional.interpolate(low, size=(h, w), mode="bilinear", align_corners=False)
-        Image.fromarray(arr[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()).save(
-            root / "c" / f"{k}.jpg", quality=95)
-
-
-def test_decode_on_device_matches_pil_decode(tmp_path):
-    """decode_batch (torchvision decode_jpeg, here on the CPU) == the PIL path: exact when no
-    resize is needed, within 1 level (PIL's fixed-point resampling) when the square is resized."""
-    sizes = [(16, 16), (24, 16), (16, 30), (28, 24), (24, 30), (20, 20)]  # w - h even; no JPEG draft
-    smooth_jpegs(tmp_path, sizes)
-    pil = ImageFolderDataset(tmp_path, load_size=16)
-    dev = ImageFolderDataset(tmp_path, load_size=16, decode_on_device=True)
-    items = [dev[i][0] for i in range(len(dev))]
-    assert all(t.dtype == torch.uint8 and t.dim() == 1 for t in items)  # raw JPEG bytes
-    x, bad = dev.decode_batch(items, "cpu")
-    assert bad == [] and x.dtype == torch.uint8 and x.shape == (len(sizes), 3, 16, 16)
-    for i, (w, h) in enumerate(sizes):
-        diff = (pil[i][0].int() - x[i].int()).abs()
-        assert diff.max() <= (0 if min(w, h) == 16 else 1), (w, h, diff.max())
-
-
-@pytest.mark.parametrize("workers", [0, 1])
-def test_loader_decode_on_device_skips_bad_files(tmp_path, workers):
-    """With data.decode_on_device the loader decodes each batch (here on the CPU): same images as
-    the PIL path (solid colours), the truncated JPEG fails at decode time and the fake PNG in the
-    worker; both are dropped and counted."""
-    root = tmp_path / "imgs"
-    counts = make_folder(root)
-    ds = build_dataset("image_folder", root, load_size=16, decode_on_device=True)
-    assert ds.decode_on_device and "decode_on_device=True" in repr(ds)
-    ref = BatchLoader(ImageFolderDataset(root, load_size=16), 3, seed=0, drop_last=False)
-    loader = BatchLoader(ds, 3, seed=0, drop_last=False, workers=workers, decode_device="cpu")
-    with warnings.catch_warnings(record=True) as rec:
-        warnings.simplefilter("always")
-        batches, ref_batches = list(loader.epoch(0)), list(ref.epoch(0))
-    assert loader.skipped == ref.skipped == counts["bad"]
-    assert len([w for w in rec if "unreadable" in str(w.message)]) == 2  # one per loader
-    assert not [w for w in rec if issubclass(w.category, DeprecationWarning)]
-    for (x, y), (xr, yr) in zip(batches, ref_batches):
-        assert x.dtype == torch.uint8 and x.shape[1:] == (3, 16, 16) and x.shape[0] == y.shape[0]
-        assert torch.equal(y, yr) and x.shape == xr.shape and ((x.int() - xr.int()).abs() <= 1).all()
-    assert sum(x.shape[0] for x, _ in batches) == counts["good"]
-
-
-def test_decode_batch_all_bad_and_mixed(tmp_path):
-    smooth_jpegs(tmp_path, [(16, 16), (20, 16)])
-    ds = ImageFolderDataset(tmp_path, load_size=8, decode_on_device=True)
-    good = ds[0][0]
-    broken = good[: len(good) // 2].clone()
-    x, bad = ds.decode_batch([broken], "cpu")
-    assert bad == [0] and x.shape == (0, 3, 8, 8) and x.dtype == torch.uint8
-    decoded = ImageFolderDataset(tmp_path, load_size=8)[1][0]  # an already decoded item passes through
-    x, bad = ds.decode_batch([good, broken, decoded], "cpu")
-    assert bad == [1] and x.shape == (2, 3, 8, 8) and torch.equal(x[1], decoded)
+    (tmp_path / "c").mkdir()
+    for k, (w, h) in enumerate([(64, 48), (40, 70), (90, 60), (50, 50), (30, 80), (72, 40)]):
+        low = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        Image.fromarray(low).resize((w, h), Image.Resampling.BILINEAR).save(tmp_path / "c" / f"{k}.jpg", quality=95)
+    (tmp_path / "c" / "6.jpg").write_bytes((tmp_path / "c" / "0.jpg").read_bytes()[:200])  # truncated JPEG
+    save_image(tmp_path / "c" / "7.png", (20, 30), (0, 100, 200))  # not a JPEG: decoded by PIL in the worker
+    cfg = MultiCropConfig(global_size=24, local_size=12, n_local=2)
+    pil = BatchLoader(ImageFolderDataset(tmp_path), 8, seed=2, crops=cfg)
+    dev = BatchLoader(ImageFolderDataset(tmp_path, decode_on_device=True), 8, seed=2, crops=cfg, workers=1,
+                      decode_device="cpu")
+    (a,), (b,) = list(pil.epoch(0)), list(dev.epoch(0))
+    assert pil.skipped == dev.skipped == 1 and len(a) == len(b) == 7
+    assert torch.equal(a.positions, b.positions) and torch.equal(a.boxes, b.boxes) and torch.equal(a.sizes, b.sizes)
+    for ga, gb in zip(a.groups, b.groups):
+        diff = (ga.int() - gb.int()).abs()
+        assert ga.shape == gb.shape and diff.float().mean() < 1.0 and diff[..., 2:-2, 2:-2].max() <= 6, diff.max()
 
 
 def test_image_folder_errors(tmp_path):
     with pytest.raises(DatasetNotFoundError, match="does not exist.*<root>/<class_name>"):
         ImageFolderDataset(tmp_path / "missing")
-    (tmp_path / "flat").mkdir()
-    save_image(tmp_path / "flat" / "x.png", (8, 8), (1, 2, 3))  # images but no class folders
-    with pytest.raises(DatasetNotFoundError, match="no class folders in .*flat"):
-        ImageFolderDataset(tmp_path / "flat")
     (tmp_path / "empty" / "a").mkdir(parents=True)
     (tmp_path / "empty" / "a" / "readme.txt").write_text("x")
     with pytest.raises(DatasetNotFoundError, match="no images"):
         ImageFolderDataset(tmp_path / "empty")
+    (tmp_path / "flat").mkdir()
+    with pytest.raises(DatasetNotFoundError, match="no images .* in .*flat"):
+        ImageFolderDataset(tmp_path / "flat")
     with pytest.raises(ValueError, match="needs data.root"):
         build_dataset("image_folder")
 

@@ -261,9 +261,16 @@ def reference(images: torch.Tensor, params: dict, cfg: MultiCropConfig) -> list[
     if x.shape[1] == 1:
         x = x.expand(-1, 3, -1, -1)
     sizes = [cfg.global_size] * 2 + [cfg.local_size] * cfg.n_local
+    return photometric_reference([resized_crop(x, params["box"][:, j], params["flip"][:, j], s)
+                                  for j, s in enumerate(sizes)], params, cfg)
+
+
+def photometric_reference(crops_per_group: list[torch.Tensor], params: dict, cfg: MultiCropConfig) -> list[torch.Tensor]:
+    """DINO's colour jitter, grayscale, blur, solarize and normalise, per image with torchvision ops,
+    on float crops in [0, 1] (already cut and flipped), one (B, 3, S, S) per crop."""
     outs = []
-    for j, s in enumerate(sizes):
-        crops = resized_crop(x, params["box"][:, j], params["flip"][:, j], s)
+    for j, crops in enumerate(crops_per_group):
+        s = crops.shape[-1]
         radius = min(math.ceil(3 * cfg.blur_sigma[1]), s - 1)  # the config's, not the batch's
         ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
         res = []

@@ -32,9 +32,9 @@ def torchrun(nproc: int, args: list[str], timeout: int = 240) -> subprocess.Comp
 
 @pytest.mark.parametrize("method", [
     # DINO with BN after every depthwise conv (SyncBN), the all-reduced centre, multi-crop slices
-    ["method.name=dino", "model.dw_norm=bn+ln", "method.use_bn_in_head=true"],
+    ["method.name=dino", "model.dw_norm=bn+ln", "method.dino.use_bn_in_head=true"],
     # MoCo v3: keys all-gathered across processes, BN in projector/predictor (SyncBN)
-    ["method.name=moco_v3", "crops.n_local=0", "method.proj_hidden_dim=32", "method.proj_dim=16",
+    ["method.name=moco_v3", "crops.n_local=0", "method.moco_v3.proj_hidden_dim=32", "method.moco_v3.proj_dim=16",
      "model.dw_norm=bn+ln"],
 ], ids=["dino", "moco_v3"])
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, tiny_fmnist, method):
@@ -170,7 +170,7 @@ def test_a_rank_whose_batch_is_all_unreadable_does_not_hang_the_others(tmp_path)
     one_of_rank0 = BatchLoader(ds, 2, seed=0, rank=0, world_size=2).batch_indices(0)[2][:1]
     for i in bad.tolist() + one_of_rank0.tolist():
         open(ds.path(i), "wb").write(b"not an image")
-    cfg = tiny_config(tmp_path, root, "data.name=image_folder", "data.load_size=16", "train.epochs=1",
+    cfg = tiny_config(tmp_path, root, "data.name=image_folder", "train.epochs=1",
                       "train.batch_size=2", "train.log_every_steps=1", "train.checkpoint_every_steps=0",
                       "eval.final_knn=false", "eval.knn_every=0")
     OmegaConf.save(cfg, tmp_path / "c.yaml")

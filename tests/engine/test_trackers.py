@@ -101,8 +101,8 @@ def test_old_tensorboard_key_names_the_new_one():
         load_config("demo_fmnist", ["log.tensorboard=false"])
 
 
-def test_a_run_saved_with_the_old_key_still_loads(tmp_path):
+def test_a_run_saved_with_the_old_key_still_loads(tmp_path, caplog):
     (tmp_path / "config.yaml").write_text("log:\n  tensorboard: false\n")
-    with pytest.warns(UserWarning, match="log.tensorboard"):
+    with caplog.at_level("INFO", logger="bcssl"):
         cfg = load_config(str(tmp_path / "config.yaml"))
-    assert list(cfg.log.backends) == ["csv"]
+    assert list(cfg.log.backends) == ["csv"] and "'log.tensorboard' is now 'log.backends'" in caplog.text

@@ -134,3 +134,23 @@ def test_collapse_is_warned_and_logged(tmp_path, tiny_fmnist, monkeypatch, caplo
     assert sum("collapse: test" in r.message for r in caplog.records) == 1  # warned once in the log
     records = [json.loads(line) for line in (tmp_path / "runs/tiny/metrics.jsonl").read_text().splitlines()]
     assert sum(r["kind"] == "collapse" for r in records) == 4  # and recorded at every log step
+
+
+def test_train_steps_ends_the_last_epoch_early_and_schedules_span_it(tmp_path, tiny_fmnist):
+    from bcssl.engine.schedules import cosine_schedule
+
+    # 64 images / batch 16 = 4 steps per epoch; 6 steps = one epoch and a half
+    cfg = tiny_config(tmp_path, tiny_fmnist, "train.steps=6", "train.epochs=50", "train.warmup_epochs=0",
+                      "eval.final_knn=true")
+    calls = []
+    res = train(cfg, knn_eval=lambda method, epoch: calls.append(method.momentum(5)) or {"top1": 1.0, "top5": 2.0})
+    assert res.images_seen == 96 and res.epochs == 2
+    records = [json.loads(line) for line in (tmp_path / "runs/tiny/metrics.jsonl").read_text().splitlines()]
+    train_recs = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train_recs] == [1, 2, 3, 4, 5, 6]
+    base = cfg.train.lr * 16 / 256
+    assert train_recs[-1]["lr"] == pytest.approx(cosine_schedule(5, 6, base, cfg.train.min_lr))  # the end of the cosine
+    # the teacher momentum also reaches the end of its cosine at step 6, not at 50 epochs
+    assert calls[-1] == pytest.approx(cosine_schedule(5, 6, cfg.method.momentum_teacher, 1.0))
+    assert [r["epoch"] for r in records if r["kind"] == "knn"][-1] == pytest.approx(1.5)
+    assert ckpt.load(tmp_path / "runs/tiny/checkpoint.pt")["step"] == 6

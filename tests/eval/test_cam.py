@@ -1,4 +1,4 @@
-"""CAM maps (PAPER.md section 4, Table 6): image loading, Grad-CAM / Eigen-CAM through the backbone
+"""CAM maps (the paper's Table 6; docs/recipe.md section 5): image loading, Grad-CAM / Eigen-CAM through the backbone
 contract (BC-SSL and timm baselines), the targets, the grid PNG and the per-run driver."""
 from __future__ import annotations
 

@@ -68,12 +68,12 @@ def test_backbone_fpn_gives_five_256_channel_levels_from_the_four_stages():
     assert [tuple(v.shape[1:]) for v in body.values()] == [(8, 16, 24), (16, 8, 12), (32, 4, 6), (64, 2, 3)]
     with torch.no_grad():  # stage 4 is the backbone's own feature map, normalised per position
         want = backbone.forward_features(torch.ones(1, 3, 64, 64))
-        got = fpn.body.stages(fpn.body.stem(torch.ones(1, 3, 64, 64)))
+        got = fpn.body.backbone.forward_intermediates(torch.ones(1, 3, 64, 64))[1][-1]
     assert torch.allclose(want, got)
     out = fpn(torch.randn(2, 3, 64, 96))
     assert list(out) == ["0", "1", "2", "3", "pool"] and all(v.shape[1] == 256 for v in out.values())
-    with pytest.raises(ValueError, match="stem \\+ 4 stages"):
-        BackboneFPN(torch.nn.Conv2d(3, 8, 3))
+    with pytest.raises(ValueError, match="4 stage maps"):
+        BackboneFPN(create_backbone("vit_s16", dims=64, depths=1, img_size=32))  # one stage map
 
 
 def test_train_set_drops_crowds_and_empty_images_and_flips_boxes_with_masks(coco):

@@ -176,7 +176,7 @@ def _image_folder_run(tmp_path):
             for i in range(n):
                 Image.new("RGB", (40 + i, 36), tuple(max(0, v - 15 * i) for v in colour)).save(d / f"{i}.png")
     cfg = tiny_config(tmp_path, tmp_path / "folder", "data.name=image_folder", "data.eval_split=val",
-                      "data.load_size=36", "train.epochs=1", "train.batch_size=5", "eval.final_knn=false")
+                      "eval.data.resize_size=36", "eval.data.crop_size=36", "train.epochs=1", "train.batch_size=5", "eval.final_knn=false")
     return train(cfg).run_dir
 
 
@@ -214,21 +214,53 @@ def test_dino_eval_linear_on_an_image_folder_two_processes_and_resume_after_a_ki
         two["history"][-1]["loss"], rel=1e-5)
     shutil.rmtree(run / "linear")
 
-    real, calls = linear_module.LinearEvalAugment.__call__, {"n": 0}
+    real, calls = linear_module._flip_normalise, {"n": 0}
 
-    def killed_at_step_7(self, *a, **kw):  # 4 steps per epoch: dies in epoch 2, after the step-6 checkpoint
+    def killed_at_step_7(*a, **kw):  # 4 steps per epoch: dies in epoch 2, after the step-6 checkpoint
         calls["n"] += 1
         if calls["n"] == 7:
             raise KeyboardInterrupt
-        return real(self, *a, **kw)
+        return real(*a, **kw)
 
-    monkeypatch.setattr(linear_module.LinearEvalAugment, "__call__", killed_at_step_7)
+    monkeypatch.setattr(linear_module, "_flip_normalise", killed_at_step_7)
     with pytest.raises(KeyboardInterrupt):
         linear_probe(run, args, progress=False)
     assert torch.load(run / "linear" / "checkpoint.pt", weights_only=True)["step"] == 6
-    monkeypatch.setattr(linear_module.LinearEvalAugment, "__call__", real)
+    monkeypatch.setattr(linear_module, "_flip_normalise", real)
     resumed = linear_probe(run, args, progress=False)
     assert torch.equal(load_linear_classifier(run).weight, w_one)  # exactly the uninterrupted probe
     assert resumed["history"] == one["history"]
     with pytest.raises(ValueError, match="remove"):  # another recipe on top of this checkpoint
         linear_probe(run, ["linear.epochs=3", "linear.batch_size=4"], progress=False)
+
+
+def test_probe_crops_come_from_the_original_image_with_torchvision_defaults(tmp_path):
+    """DINO's eval_linear trains on transforms.RandomResizedCrop(224) of the decoded image: one box over
+    the ORIGINAL image (not the evaluation's centre crop), bilinear (torchvision's default)."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms import InterpolationMode
+    from torchvision.transforms import functional as TF
+
+    from bcssl.data import ImageFolderDataset
+    from bcssl.data.crops import crop_seed
+    from bcssl.eval.linear import ProbeCrops
+
+    d = tmp_path / "wide" / "c0"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (60, 300, 3), dtype=np.uint8)).save(d / "0.png")  # 5:1, far from square
+    ds = ImageFolderDataset(tmp_path / "wide")
+    cfg = ProbeCrops(32, (0.08, 1.0))
+    lefts, rights = [], []
+    for step in range(200):
+        item = ds.crop_item(0, crop_seed(0, step, 0), cfg)
+        assert len(item.groups) == 2 and item.groups[0].shape == (1, 3, 32, 32) and item.groups[1].shape[0] == 0
+        top, left, h, w = item.boxes[0].tolist()
+        assert 0.08 * 0.75 <= h * w / (60 * 300) <= 1.0
+        lefts.append(left)
+        rights.append(left + w)
+        with Image.open(d / "0.png") as img:
+            ref = TF.resized_crop(img.convert("RGB"), top, left, h, w, [32, 32], InterpolationMode.BILINEAR)
+        assert torch.equal(item.groups[0][0], torch.from_numpy(np.array(ref)).permute(2, 0, 1))
+    assert min(lefts) < 60 and max(rights) > 240  # the crops reach both ends of the wide image

@@ -5,9 +5,10 @@ from bcssl.config import ConfigError, load_config
 from bcssl.methods import create_method
 from tests.conftest import TINY_HEAD, TINY_MODEL
 
-SMALL = {"dino": TINY_HEAD, "byol": ["method.proj_hidden_dim=32", "method.proj_dim=16"],
-         "moco_v3": ["method.proj_hidden_dim=32", "method.proj_dim=16"],
-         "care": ["method.proj_hidden_dim=32", "method.proj_dim=16"]}
+SMALL = {"dino": TINY_HEAD, "byol": ["method.byol.proj_hidden_dim=32", "method.byol.proj_dim=16"],
+         "moco_v3": ["method.moco_v3.proj_hidden_dim=32", "method.moco_v3.proj_dim=16"],
+         "care": ["method.care.proj_hidden_dim=32", "method.care.proj_dim=16", "method.care.fmap_size=4",
+                  "method.care.dim_head=8", "method.care.blocks=2"]}
 # the papers' evaluation scripts: DINO evaluates its teacher, BYOL / MoCo v3 / CARE their online encoder
 PAPER_DEFAULT = {"dino": "teacher", "byol": "student", "moco_v3": "student", "care": "student"}
 

@@ -1,4 +1,4 @@
-"""BYOL against its formulas (PAPER.md section 3; deepmind-research/byol)."""
+"""BYOL against its formulas (docs/recipe.md section 4; deepmind-research/byol)."""
 from __future__ import annotations
 
 import json
@@ -16,11 +16,11 @@ from bcssl.methods import BYOL, create_method
 from bcssl.methods.byol import byol_loss, representation_stats
 from tests.conftest import TINY_MODEL, tiny_config
 
-TINY_PROJ = ["method.proj_hidden_dim=32", "method.proj_dim=16"]
+TINY_PROJ = ["method.byol.proj_hidden_dim=32", "method.byol.proj_dim=16"]
 
 
 def tiny_byol(*extra, steps_per_epoch=5, epochs=4):
-    cfg = load_config(None, [*TINY_MODEL, *TINY_PROJ, *extra])
+    cfg = load_config(None, [*TINY_MODEL, "method.name=byol", *TINY_PROJ, *extra])
     method = create_method("byol", cfg.model, cfg.method)
     method.setup(steps_per_epoch, epochs)
     return method
@@ -92,7 +92,7 @@ def test_target_no_grad_ema_of_parameters_only_and_train_mode():
 
 
 def test_momentum_schedule_first_middle_last():
-    method = tiny_byol("method.momentum_teacher=0.99")
+    method = tiny_byol("method.byol.momentum=0.99")
     n = 20  # 5 steps x 4 epochs; BYOL: tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2
     assert method.momentum(0) == pytest.approx(0.99)
     assert method.momentum(10) == pytest.approx(0.995)
@@ -118,7 +118,7 @@ def test_collapse_stats():
 def test_two_training_steps_through_the_trainer(tmp_path, tiny_fmnist):
     cfg = tiny_config(tmp_path, tiny_fmnist, "method.name=byol", "crops.n_local=0", "crops.global_scale=[0.08,1.0]",
                       *TINY_PROJ, "data.limit=32", "train.epochs=1", "train.clip_grad=0",
-                      "method.momentum_teacher=0.99")
+                      "method.byol.momentum=0.99")
     out = train(cfg)
     assert out.images_seen == 32
     rows = [json.loads(line) for line in (Path(out.run_dir) / "metrics.jsonl").read_text().splitlines()]

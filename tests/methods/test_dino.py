@@ -1,4 +1,4 @@
-"""DINO against the formulas of PAPER.md section 2 / facebookresearch/dino."""
+"""DINO against the formulas of docs/recipe.md section 2 / facebookresearch/dino."""
 from __future__ import annotations
 
 import math
@@ -112,7 +112,7 @@ def test_teacher_no_grad_ema_of_parameters_only_and_train_mode():
 
 
 def test_last_layer_frozen_during_first_epoch_only():
-    method = tiny_dino("method.freeze_last_layer=1")
+    method = tiny_dino("method.dino.freeze_last_layer=1")
     for step, frozen in ((0, True), (4, True), (5, False), (19, False)):
         method.zero_grad(set_to_none=True)
         method.loss(crops(), step)[0].backward()
@@ -123,8 +123,8 @@ def test_last_layer_frozen_during_first_epoch_only():
 
 
 def test_teacher_temperature_and_momentum_schedules():
-    method = tiny_dino("method.warmup_teacher_temp=0.04", "method.teacher_temp=0.07",
-                       "method.warmup_teacher_temp_epochs=3", "method.momentum_teacher=0.996")
+    method = tiny_dino("method.dino.warmup_teacher_temp=0.04", "method.dino.teacher_temp=0.07",
+                       "method.dino.warmup_teacher_temp_epochs=3", "method.dino.momentum_teacher=0.996")
     # steps_per_epoch=5, epochs=4: epochs 0,1,2 warm up linearly (np.linspace(0.04, 0.07, 3))
     assert method.teacher_temp(0) == pytest.approx(0.04)
     assert method.teacher_temp(5) == pytest.approx(0.055)
@@ -151,3 +151,73 @@ def test_collapse_warnings():
     assert method.collapse_warning({"teacher_entropy": 0.6, "teacher_batch_entropy": 0.8}) is None
     assert "uniform" in method.collapse_warning({"teacher_entropy": 0.99, "teacher_batch_entropy": 0.99})
     assert "same prototype" in method.collapse_warning({"teacher_entropy": 0.01, "teacher_batch_entropy": 0.01})
+
+
+def dinov2_sinkhorn_knopp(t, temp, n_iterations=3):
+    """DINOv2's sinkhorn_knopp_teacher as published (one process), for comparison."""
+    q = torch.exp(t / temp).t()
+    b, k = q.shape[1], q.shape[0]
+    q = q / q.sum()
+    for _ in range(n_iterations):
+        q = q / q.sum(dim=1, keepdim=True) / k
+        q = q / q.sum(dim=0, keepdim=True) / b
+    return (q * b).t()
+
+
+def test_sinkhorn_knopp_matches_dinov2_and_survives_sharp_temperatures():
+    from bcssl.methods.dino import sinkhorn_knopp
+
+    torch.manual_seed(0)
+    t = torch.randn(16, 32) * 0.5
+    p = sinkhorn_knopp(t, 0.1)
+    assert torch.allclose(p, dinov2_sinkhorn_knopp(t, 0.1), atol=1e-6)
+    assert torch.allclose(p.sum(1), torch.ones(16), atol=1e-5)  # one unit of assignment per sample
+    sharp = torch.randn(16, 32) * 5  # exp(logit / 0.04) overflows float32 in the published form
+    assert not torch.isfinite(dinov2_sinkhorn_knopp(sharp, 0.04)).all()
+    q = sinkhorn_knopp(sharp, 0.04)
+    assert torch.isfinite(q).all() and torch.allclose(q.sum(1), torch.ones(16), atol=1e-4)
+    # 3 iterations already balance the batch over the prototypes far better than a plain softmax
+    plain = torch.softmax(sharp / 0.04, dim=-1).sum(0)
+    assert q.sum(0).std() < 0.5 * plain.std()
+
+
+def test_koleo_is_minus_mean_log_nearest_neighbour_distance():
+    from bcssl.methods.dino import koleo_loss
+
+    torch.manual_seed(0)
+    x = torch.randn(10, 6)
+    xn = torch.nn.functional.normalize(x, dim=-1)
+    d = torch.cdist(xn, xn) + torch.diag(torch.full((10,), float("inf")))
+    assert koleo_loss(x).item() == pytest.approx(-torch.log(d.min(dim=1).values + 1e-8).mean().item(), abs=1e-5)
+    spread = torch.eye(6)  # orthogonal vectors are as far apart as they can be: lower loss
+    assert koleo_loss(spread) < koleo_loss(spread + 0.5)
+
+
+def test_sinkhorn_centring_and_koleo_in_the_dino_step():
+    from bcssl.methods.dino import koleo_loss, sinkhorn_knopp
+
+    method = tiny_dino("method.dino.centering=sinkhorn_knopp", "method.dino.koleo_weight=0.1")
+    method.train()
+    c = crops()
+    torch.manual_seed(3)
+    loss, logs = method.loss(c, 0)
+    assert method.dino_loss.center.abs().sum() == 0  # Sinkhorn-Knopp replaces the centre
+    # the same step written out: teacher targets by Sinkhorn-Knopp per global view, plus 0.1 x KoLeo
+    # of the student's backbone features of each global view
+    torch.manual_seed(3)
+    with torch.no_grad():
+        t = method.teacher(c[:2])
+    s, feats = method.student(c, return_features=True)
+    B = c[0].shape[0]
+    q = torch.cat([sinkhorn_knopp(x, 0.04) for x in t.chunk(2)])
+    want = 0.0
+    n = 0
+    for i in range(2):
+        for j in range(len(c)):
+            if i != j:
+                want = want + (-(q[i * B:(i + 1) * B] * torch.log_softmax(s[j * B:(j + 1) * B] / 0.1, -1)).sum(-1)).mean()
+                n += 1
+    want = want / n + 0.1 * (koleo_loss(feats[:B]) + koleo_loss(feats[B:2 * B]))
+    assert torch.allclose(loss, want, atol=1e-4) and "koleo" in logs
+    loss.backward()
+    assert method.student.backbone.stem[0].weight.grad is not None

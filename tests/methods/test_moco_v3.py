@@ -1,4 +1,4 @@
-"""MoCo v3 against facebookresearch/moco-v3 (PAPER.md section 3)."""
+"""MoCo v3 against facebookresearch/moco-v3 (docs/recipe.md section 4)."""
 from __future__ import annotations
 
 import json
@@ -13,16 +13,19 @@ from torch import nn
 from bcssl.config import load_config
 from bcssl.engine import distributed
 from bcssl.engine.optim import build_optimizer
-from bcssl.engine.runtime import param_groups
 from bcssl.engine.trainer import train
 from bcssl.methods import MoCoV3, create_method
 from bcssl.methods.moco_v3 import contrastive_loss, moco_v3_loss
+from bcssl.models.vit_mocov3 import sincos_position_embedding
 from tests.conftest import TINY_MODEL, tiny_config
 
-TINY_PROJ = ["method.proj_hidden_dim=32", "method.proj_dim=16"]
+TINY_PROJ = ["method.moco_v3.proj_hidden_dim=32", "method.moco_v3.proj_dim=16"]
 # A tiny ViT: patch 8 (stem_stride 2), width 64 (1 head), 1 block.
 TINY_VIT = ["model.name=vit_s16", "model.kernel_size=null", "model.dims=[64]", "model.depths=[1]"]
 TINY_RESNET = ["model.name=resnet50", "model.kernel_size=null", "model.dims=[16,32,64,128]"]
+# MoCo v3's own ViT (vits.py: 12 heads of 32 dims at width 384; here width 64, 2 heads), patch 16, 1 block.
+TINY_VIT_MOCO = ["model.name=vit_s16_mocov3", "model.kernel_size=null", "model.stem_stride=4", "model.dims=[64]",
+                 "model.depths=[1]"]
 
 
 def tiny_moco(*extra, steps_per_epoch=5, epochs=4):
@@ -113,21 +116,21 @@ def test_heads_structure_cnn():
     assert method.eval_backbone() is method.student.encoder.backbone  # linear eval: base encoder
 
 
-def test_heads_structure_vit_and_random_patch_projection_error():
+def test_heads_structure_vit_and_stop_grad_conv1_error():
     method = tiny_moco(*TINY_VIT)
     proj, pred = method.student.encoder.projector, method.student.predictor
     lin, bns = _linears_and_bns(proj)
     assert len(lin) == 3 and not bns[-1].affine and isinstance(proj[-1], nn.BatchNorm1d)  # 3 layers for ViT
     assert isinstance(pred[-1], nn.BatchNorm1d) and not pred[-1].affine  # MoCo_ViT: predictor last_bn=True
     assert all(m.bias is None for m in lin)
-    two = tiny_moco(*TINY_VIT, "method.moco_proj_layers=2")
+    two = tiny_moco(*TINY_VIT, "method.moco_v3.proj_layers=2")
     assert len(_linears_and_bns(two.student.encoder.projector)[0]) == 2
-    with pytest.raises(ValueError, match="random_patch_projection"):
-        tiny_moco("model.random_patch_projection=true")  # bcssl_atto has no patch embedding
+    with pytest.raises(ValueError, match="stop_grad_conv1"):
+        tiny_moco("method.moco_v3.stop_grad_conv1=true")  # bcssl_atto has no patch embedding
 
 
 def test_momentum_encoder_no_grad_ema_of_parameters_only_and_schedule():
-    method = tiny_moco("method.momentum_teacher=0.99")
+    method = tiny_moco("method.moco_v3.momentum=0.99")
     assert isinstance(method, MoCoV3)
     method.train()
     for (n, pb), pm in zip(method.student.encoder.named_parameters(), method.teacher.parameters()):
@@ -158,14 +161,14 @@ def test_momentum_encoder_no_grad_ema_of_parameters_only_and_schedule():
 
 
 def test_random_patch_projection_frozen_through_an_optimizer_step():
-    method = tiny_moco(*TINY_VIT, "model.random_patch_projection=true")
+    method = tiny_moco(*TINY_VIT, "method.moco_v3.stop_grad_conv1=true")
     method.train()
     proj = method.student.encoder.backbone.model.patch_embed.proj
     assert not proj.weight.requires_grad and not proj.bias.requires_grad
     assert torch.equal(method.teacher.backbone.model.patch_embed.proj.weight, proj.weight)
     frozen = {id(proj.weight), id(proj.bias)}
     before = {n: p.detach().clone() for n, p in method.student.named_parameters()}
-    opt = build_optimizer("adamw", param_groups(method.student), lr=1e-2, weight_decay=0.1)
+    opt = build_optimizer("adamw", method.param_groups(), lr=1e-2, weight_decay=0.1)
     assert not any(id(p) in frozen for g in opt.param_groups for p in g["params"])
     method.loss(views(), 0)[0].backward()
     opt.step()
@@ -180,19 +183,55 @@ def test_random_patch_projection_frozen_through_an_optimizer_step():
     w = plain.student.encoder.backbone.model.patch_embed.proj.weight
     assert w.requires_grad
     w0 = w.detach().clone()
-    opt = build_optimizer("adamw", param_groups(plain.student), lr=1e-2, weight_decay=0.1)
+    opt = build_optimizer("adamw", plain.param_groups(), lr=1e-2, weight_decay=0.1)
     plain.loss(views(), 0)[0].backward()
     opt.step()
     assert not torch.equal(w, w0)
 
 
-@pytest.mark.parametrize("model", [[], TINY_RESNET, [*TINY_VIT, "model.random_patch_projection=true",
-                                                     "method.moco_temperature=0.2"]],
-                         ids=["bcssl", "resnet50", "vit_s16_rpp"])
+def test_mocov3_vit_s_step_keeps_sincos_table_and_patch_projection_and_trains_the_rest():
+    """MoCo v3's own ViT-S/16 (vits.py) with --stop-grad-conv1, one AdamW step as main_moco.py takes it
+    (weight decay on every parameter): the fixed sin-cos position embedding and the random patch
+    projection stay as they were, every other student weight moves."""
+    method = tiny_moco(*TINY_VIT_MOCO, "method.moco_v3.stop_grad_conv1=true")
+    method.train()
+    vit = method.student.encoder.backbone.model
+    table = sincos_position_embedding(14, 14, 64)  # img_size 224 / patch 16; 32 px crops resample it
+    assert torch.equal(vit.pos_embed, table)
+    decayed, not_decayed = method.param_groups()
+    trainable = [p for p in method.student.parameters() if p.requires_grad]
+    assert {id(p) for p in decayed["params"]} == {id(p) for p in trainable} and not not_decayed["params"]
+    assert any(p.ndim == 1 for p in decayed["params"])  # biases and norms decayed too (AdamW(model.parameters()))
+    before = {n: p.detach().clone() for n, p in method.student.named_parameters()}
+    opt = build_optimizer("adamw", method.param_groups(), lr=1e-3, weight_decay=0.1)
+    method.loss(views(), 0)[0].backward()
+    opt.step()
+    method.after_step(0)
+    fixed = ("pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias")
+    for n, p in method.student.named_parameters():
+        if n.endswith(fixed):
+            assert torch.equal(p, before[n]), n
+        else:
+            assert not torch.equal(p, before[n]), n
+    assert torch.equal(vit.pos_embed, table)
+    teacher = method.teacher.backbone.model  # EMA of equal tensors: equal up to float rounding (as moco-v3's)
+    assert torch.allclose(teacher.pos_embed, table, atol=1e-6)
+    assert torch.allclose(teacher.patch_embed.proj.weight, vit.patch_embed.proj.weight, atol=1e-6)
+    # full size: MoCo v3's ViT-S/16 with --stop-grad-conv1 trains 21,294,720 backbone parameters
+    cfg = load_config(None, ["model.name=vit_s16_mocov3", "model.kernel_size=null", "method.name=moco_v3",
+                             "method.moco_v3.stop_grad_conv1=true"])
+    with torch.device("meta"):
+        full = create_method("moco_v3", cfg.model, cfg.method)
+    assert sum(p.numel() for p in full.student.encoder.backbone.parameters() if p.requires_grad) == 21_294_720
+
+
+@pytest.mark.parametrize("model", [[], TINY_RESNET, [*TINY_VIT, "method.moco_v3.stop_grad_conv1=true",
+                                                     "method.moco_v3.temperature=0.2"]],
+                         ids=["bcssl", "resnet50", "vit_s16_stop_grad_conv1"])
 def test_two_training_steps_through_the_trainer(tmp_path, tiny_fmnist, model):
     cfg = tiny_config(tmp_path, tiny_fmnist, "method.name=moco_v3", "crops.n_local=0",
                       "crops.global_scale=[0.08,1.0]", *TINY_PROJ, "data.limit=32", "train.epochs=1",
-                      "train.clip_grad=0", "method.momentum_teacher=0.99", *model)
+                      "train.clip_grad=0", "method.moco_v3.momentum=0.99", *model)
     out = train(cfg)
     assert out.images_seen == 32
     rows = [json.loads(line) for line in (Path(out.run_dir) / "metrics.jsonl").read_text().splitlines()]

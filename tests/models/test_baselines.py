@@ -270,18 +270,35 @@ def test_cnn_too_small_input(name):
         m(torch.randn(1, 3, 16, 16))
 
 
-# --- MoCo v3 random patch projection ----------------------------------------------------------
-def test_random_patch_projection_frozen_xavier():
-    m = create_backbone("vit_s16", random_patch_projection=True)
-    proj = m.model.patch_embed.proj
-    assert not proj.weight.requires_grad and not proj.bias.requires_grad
-    bound = (6.0 / (3 * 16 * 16 + 384)) ** 0.5
-    assert proj.weight.abs().max() <= bound
-    assert proj.weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.02)  # uniform(-b, b)
-    assert torch.count_nonzero(proj.bias) == 0
-    frozen = proj.weight.numel() + proj.bias.numel()
-    assert count_params(m, trainable_only=True) == count_params(m) - frozen
-    assert all(p.requires_grad for p in meta("vit_s16").parameters())
+# --- contract members that differ by family --------------------------------------------------
+def test_stage_maps_channels_and_strides():
+    x = torch.randn(2, 3, 64, 64)
+    for name in NAMES:
+        m = tiny(name, img_size=64) if name in ("vit_s16", "swin_t") else tiny(name)
+        with torch.no_grad():
+            final, maps = m.forward_intermediates(x)
+            assert torch.allclose(m.forward_head(final), m(x), atol=1e-5)
+            assert torch.allclose(maps[-1], m.forward_features(x), atol=1e-5)
+        assert [(t.shape[1], 64 // t.shape[-1]) for t in maps] == [(s.channels, s.reduction) for s in m.feature_info]
+    assert [s.reduction for s in tiny("resnet50").feature_info] == [4, 8, 16, 32]
+    assert [s.reduction for s in tiny("resnet50", stem_stride=2).feature_info] == [2, 4, 8, 16]
+
+
+def test_patch_projection_only_for_transformers():
+    assert meta("resnet50").patch_projection is None and meta("convnext_t").patch_projection is None
+    vit, swin = meta("vit_s16"), meta("swin_t")
+    assert vit.patch_projection is vit.model.patch_embed.proj and swin.patch_projection is swin.model.patch_embed.proj
+
+
+def test_resnet50_is_initialised_as_torchvision():
+    torch.manual_seed(0)
+    m = create_backbone("resnet50", **TINY["resnet50"])
+    last_bns = [b.bn3.weight for layer in (m.model.layer1, m.model.layer2) for b in layer]
+    assert all(torch.equal(w, torch.ones_like(w)) for w in last_bns)  # torchvision: zero_init_residual=False
+    zero = create_backbone("resnet50", zero_init_last=True, **TINY["resnet50"])
+    assert all(torch.count_nonzero(b.bn3.weight) == 0 for b in zero.model.layer1)  # BYOL / MoCo v3 / timm
+    conv = m.model.layer1[0].conv2  # kaiming-normal, fan-out: std sqrt(2 / (out * 3 * 3))
+    assert conv.weight.std().item() == pytest.approx((2 / (conv.out_channels * 9)) ** 0.5, rel=0.1)
 
 
 def test_vit_s16_linear_features_are_dinos_last_4_class_tokens():

@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from bcssl.models import BCSSLConvNeXt, count_macs, count_params, create_backbone, fold_bn
 from bcssl.models.bcssl_convnext import VARIANTS, BCSSLBlock
@@ -279,3 +280,28 @@ def test_full_size_state_dict_layout_matches_timm(name, timm_name):
     ours = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     theirs = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
     assert ours == theirs
+
+
+@pytest.mark.parametrize("k,h,w", [(9, 4, 4), (9, 2, 3), (9, 1, 1), (15, 3, 6), (9, 5, 5), (3, 1, 2)])
+def test_depthwise_conv_on_small_maps_equals_the_full_kernel(k, h, w):
+    """The kernel cut to the taps that reach a pixel gives the full conv's output and gradients."""
+    from bcssl.models.bcssl_convnext import depthwise_conv
+
+    conv = nn.Conv2d(6, 6, k, padding=k // 2, groups=6)
+    x = torch.randn(2, 6, h, w, requires_grad=True)
+    ref = F.conv2d(x, conv.weight, conv.bias, padding=k // 2, groups=6)  # the full k x k kernel
+    g_ref = torch.autograd.grad(ref.square().sum(), [x, conv.weight, conv.bias])
+    out = depthwise_conv(conv, x)
+    g = torch.autograd.grad(out.square().sum(), [x, conv.weight, conv.bias])
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-6)
+    for a, b in zip(g, g_ref):
+        assert torch.allclose(a, b, atol=1e-5)
+    if k > 2 * h - 1:
+        assert g[1][:, :, 0].abs().sum() == 0  # a cut tap gets no gradient, as in the full conv
+
+
+def test_traced_model_keeps_the_full_kernel_for_other_sizes():
+    model = BCSSLConvNeXt(depths=(1, 1, 1, 1), dims=(8, 16, 32, 64), kernel_size=9, stem_stride=2).eval()
+    traced = torch.jit.trace(model, torch.randn(1, 3, 16, 16), check_trace=False)  # 8/4/2/1 px maps
+    x = torch.randn(2, 3, 64, 64)  # 32/16/8/4 px maps: a trace that baked in the cut kernels would differ
+    assert torch.allclose(traced(x), model(x), atol=1e-5)

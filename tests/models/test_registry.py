@@ -3,7 +3,7 @@
 import pytest
 import torch.nn as nn
 
-from bcssl.models import create_backbone, list_backbones, register_backbone
+from bcssl.models import Backbone, create_backbone, list_backbones, register_backbone
 from bcssl.models import registry
 
 BCSSL_NAMES = ["bcssl_atto", "bcssl_femto", "bcssl_pico", "bcssl_nano", "bcssl_t", "bcssl_s"]
@@ -30,9 +30,10 @@ def test_every_registered_name_constructible(name):
     m = create_backbone(name)
     assert isinstance(m, nn.Module)
     assert isinstance(m.num_features, int) and m.num_features > 0
-    assert callable(m.forward_features)
+    assert isinstance(m, Backbone) and callable(m.forward_features) and callable(m.forward_intermediates)
     assert isinstance(m.cam_target_layer, nn.Module)
     assert hasattr(m, "cam_reshape")
+    assert m.feature_info and m.feature_info[-1].channels == m.num_features
 
 
 def test_kwargs_are_passed_through():
@@ -43,11 +44,14 @@ def test_kwargs_are_passed_through():
 def test_register_new_backbone(monkeypatch):
     monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
 
+    class Toy(Backbone):
+        def __init__(self, width):
+            super().__init__()
+            self.num_features = width
+
     @register_backbone("toy_net")
     def toy_net(width=4):
-        m = nn.Linear(2, width)
-        m.num_features = width
-        return m
+        return Toy(width)
 
     assert "toy_net" in list_backbones()
     assert create_backbone("toy_net", width=7).num_features == 7
@@ -58,5 +62,10 @@ def test_register_new_backbone(monkeypatch):
 
     with pytest.raises(ValueError, match="already registered"):
         register_backbone("toy_net")(other)
-    with pytest.raises(ValueError, match="non-empty string"):
-        register_backbone("")
+
+    @register_backbone("not_a_backbone")
+    def not_a_backbone():
+        return nn.Linear(2, 2)
+
+    with pytest.raises(TypeError, match="not_a_backbone.*Linear.*bcssl.models.Backbone"):
+        create_backbone("not_a_backbone")
