@@ -151,6 +151,6 @@ def test_train_steps_ends_the_last_epoch_early_and_schedules_span_it(tmp_path, t
     base = cfg.train.lr * 16 / 256
     assert train_recs[-1]["lr"] == pytest.approx(cosine_schedule(5, 6, base, cfg.train.min_lr))  # the end of the cosine
     # the teacher momentum also reaches the end of its cosine at step 6, not at 50 epochs
-    assert calls[-1] == pytest.approx(cosine_schedule(5, 6, cfg.method.momentum_teacher, 1.0))
+    assert calls[-1] == pytest.approx(cosine_schedule(5, 6, cfg.method.dino.momentum_teacher, 1.0))
     assert [r["epoch"] for r in records if r["kind"] == "knn"][-1] == pytest.approx(1.5)
     assert ckpt.load(tmp_path / "runs/tiny/checkpoint.pt")["step"] == 6
