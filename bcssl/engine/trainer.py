@@ -107,13 +107,16 @@ class _NoMetrics:
         pass
 
 
-def train(cfg: DictConfig, *, knn_eval=None, resume_changed: bool = False) -> TrainResult:
+def train(cfg: DictConfig, *, knn_eval=None, resume_changed: bool = False, train_set=None) -> TrainResult:
     """Pre-train with ``cfg``; resumes from ``<run_dir>/checkpoint.pt`` when one exists.
 
     A run folder belongs to the config it was started with (its ``config.yaml``): resuming with
     another is a ConfigError naming the differing keys, unless ``resume_changed`` (CLI
     ``--resume-changed``) and they are all keys a run may change (``run_dir.RESUME_CHANGEABLE``:
     ``train.epochs``, logging, evaluation settings); config.yaml then becomes the new config.
+
+    ``train_set``: a map-style dataset of images to pre-train on instead of ``data.*``
+    (:class:`~bcssl.data.python_dataset.PythonImages` says what its items may be).
 
     ``knn_eval(method, epoch) -> dict`` (optional) is the k-NN monitor called every
     ``eval.knn_every`` epochs and after the last one (on every rank: each encodes its shard).
@@ -127,7 +130,7 @@ def train(cfg: DictConfig, *, knn_eval=None, resume_changed: bool = False) -> Tr
     dist, device = ddp.init_distributed(cfg.device)
     try:
         with PreemptionFlag() as preempt:
-            return _train(cfg, knn_eval, dist, device, preempt, resume_changed)
+            return _train(cfg, knn_eval, dist, device, preempt, resume_changed, train_set)
     finally:
         if dist.enabled:
             ddp.shutdown_distributed()
@@ -165,7 +168,7 @@ def run_plan(cfg: DictConfig, world_size: int = 1) -> dict:
 
 
 def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, preempt: PreemptionFlag,
-           resume_changed: bool) -> TrainResult:
+           resume_changed: bool, train_set=None) -> TrainResult:
     run_dir = run_dir_of(cfg)
     # --- run identity: a checkpoint resumes only under the config its run was started with
     resume_path, state, changes = ckpt.latest(run_dir), None, {}
@@ -182,7 +185,13 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
     # Image files: each image's crops are cut from the original in the loader's workers (CropBatch);
     # in-memory sets: uint8 batches, cropped on the device. Both get the photometric part there, except
     # when training on the CPU with workers: they are CPU cores beside the step, so they finish the crops.
-    dataset = pretraining_dataset(cfg)
+    if train_set is not None:  # a dataset given in Python: read as image files are (crops in the workers)
+        from bcssl.data.python_dataset import PythonImages
+
+        dataset = PythonImages(train_set)
+        log.info("pre-training on %r (given in Python, not data.*)", dataset)
+    else:
+        dataset = pretraining_dataset(cfg)
     multicrop = multicrop_from_config(cfg.crops)
     global_batch_size = cfg.train.batch_size * dist.world_size
     in_workers = device.type == "cpu" and cfg.data.workers > 0 and not cfg.data.decode_on_device

@@ -51,7 +51,7 @@ def test_all_four_backends_and_resume_continues_the_same_runs(tmp_path, tiny_fmn
     assert len(train_rows) == 4 and all(float(r["loss"]) > 0 for r in train_rows)  # the loss column
     assert [r for r in rows if r["kind"] == "result"][0]["images_seen"] == "64"
 
-    train(tiny_config(tmp_path, tiny_fmnist, ALL, "train.epochs=2"))
+    train(tiny_config(tmp_path, tiny_fmnist, ALL, "train.epochs=2"), resume_changed=True)
     ids, client, loss = _mlflow_history(run, "train/loss")
     assert ids == ids_first  # the same W&B and MLflow runs continue
     assert [s for s, _ in loss] == list(range(1, 9))  # steps 1..8 in one MLflow run
