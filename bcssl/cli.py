@@ -214,8 +214,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a run's eval backbone with BN folded (safetensors, TorchScript, ONNX "
                        "or a timm ConvNeXt state dict), checked against the unfolded model")
     p.add_argument("run", help="run directory (contains config.yaml and checkpoint.pt)")
-    p.add_argument("--format", default="safetensors", choices=["safetensors", "torchscript", "onnx", "timm"],
-                   help="file format (default safetensors)")
+    p.add_argument("--format", default="safetensors", choices=["safetensors", "torchscript", "onnx", "timm", "hf"],
+                   help="format (default safetensors; hf: a timm / Hugging Face model folder with a model card)")
     p.add_argument("--out", default=None, help="output file or folder (default: RUN/export/)")
     p.add_argument("--size", type=int, default=None,
                    help="side of the example input used to trace and check (default: the run's crops.global_size)")

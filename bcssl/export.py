@@ -20,12 +20,23 @@ format          default file                  what it is
                                               meta['timm_model'], pretrained=False,
                                               **json.loads(meta['timm_kwargs']))`` loads it strictly
                                               (e.g. ``convnext_tiny, kernel_sizes=9, num_classes=0``)
+``hf``          ``hf/`` (a folder)            timm's model folder, the layout the Hugging Face hub
+                                              serves: ``config.json`` (architecture, ``model_args``,
+                                              ``pretrained_cfg`` with the run's mean/std),
+                                              ``model.safetensors`` and a ``README.md`` model card
+                                              (method, data, length, the run's evaluation results);
+                                              ``timm.create_model("local-dir:PATH", pretrained=True)``
+                                              loads it strictly; upload it with ``huggingface-cli
+                                              upload``. For backbones with a timm twin: BC-SSL with
+                                              ``dw_norm`` ``bn+ln``/``ln`` and stem stride 4 (or 1),
+                                              ``convnext_t``, ``resnet50``, ``vit_s16``, ``swin_t``
 ==============  ============================  =====================================================
 
 Once its BN is folded, a BC-SSL ConvNeXt with ``dw_norm='bn+ln'`` (or ``'ln'``) *is* timm's
 ConvNeXt with ``kernel_sizes=k``. Not expressible in timm (a clear :class:`ExportError`):
 ``dw_norm='bn'`` (no LayerNorm in the blocks), ``stem_stride=2`` (timm's ``patch_size=2`` adds a
-stride-2 downsampling to stage 0) and non-ConvNeXt baselines (resnet50, vit_s16, swin_t).
+stride-2 downsampling to stage 0) and, for the ``timm`` file format, non-ConvNeXt baselines
+(resnet50, vit_s16, swin_t: the ``hf`` folder carries them, since they are timm models already).
 
 Every export is verified before it is kept: the written file is loaded back, a random batch goes
 through it and through the *unfolded* eval-mode backbone, and the max abs difference must be at
@@ -55,12 +66,13 @@ from typing import Any
 import torch
 from torch import nn
 
-FORMATS = ("safetensors", "torchscript", "onnx", "timm")
+FORMATS = ("safetensors", "torchscript", "onnx", "timm", "hf")
 DEFAULT_NAMES = {
     "safetensors": "backbone.safetensors",
     "torchscript": "backbone.torchscript.pt",
     "onnx": "backbone.onnx",
     "timm": "backbone_timm.safetensors",
+    "hf": "hf",  # a folder
 }
 TOLERANCE = 1e-4
 BCSSL_TAG = "bcssl.backbone/1"  # metadata "format" of a bcssl safetensors export
@@ -180,6 +192,75 @@ def _timm_state(backbone: nn.Module) -> tuple[dict, str, dict]:
         if k.endswith(".conv_dw.bias") and k.replace(".conv_dw.bias", ".gamma") not in state:
             out[k.replace(".conv_dw.bias", ".gamma")] = torch.ones_like(v)  # no layer scale == scale 1
     return out, name, kw
+
+
+def _timm_twin(folded: nn.Module) -> nn.Module:
+    """The timm model that computes what the folded backbone computes, with its weights: a ConvNeXt
+    layout (:func:`_timm_state`) built by ``timm.create_model``, or the timm model a baseline wraps."""
+    what = getattr(folded, "name", type(folded).__name__)
+    try:
+        layout = folded.timm_convnext()
+    except ValueError as e:
+        raise ExportError(f"{e}; export it as safetensors, torchscript or onnx") from None
+    if layout is not None:
+        state, name, kw = _timm_state(folded)
+        net = _create_timm(name, kw)
+        net.load_state_dict(state, strict=True)
+        return net.eval()
+    inner = getattr(folded, "model", None)
+    if inner is not None and getattr(inner, "pretrained_cfg", None) and hasattr(inner, "forward_head"):
+        return inner.eval()  # a timm.create_model model: timm records its factory arguments
+    raise ExportError(f"{what} has no timm twin that timm.create_model can rebuild (it is built outside timm's "
+                      "registry); export it as safetensors, torchscript or onnx")
+
+
+def _model_card(meta: dict, architecture: str, model_args: dict) -> str:
+    """README.md of an ``hf`` export: what the weights are, how they were made, how to load them."""
+    res = meta.get("results") or {}
+    rows = [f"| {k} | {v} |" for k, v in res.items()]
+    mean, std = meta.get("mean"), meta.get("std")
+    lines = [
+        "---", "library_name: timm", "tags:", "- image-feature-extraction", "- self-supervised", "- bcssl",
+        f"- {meta.get('method', 'ssl')}", "---", "",
+        f"# {meta.get('variant', architecture)} pre-trained with {meta.get('method', '?')} (bcssl)", "",
+        f"Backbone weights from a bcssl run, exported with `bcssl export RUN --format hf` (bcssl "
+        f"{meta.get('bcssl_version', '?')}): timm `{architecture}` with `{json.dumps(model_args)}`, every "
+        "BatchNorm after a depthwise conv folded into it. The model returns pooled features (no classifier).", "",
+        "## Pre-training", "",
+        f"- method: {meta.get('method', '?')} (network: {meta.get('encoder', '?')})",
+        f"- data: {meta.get('data', '?')}",
+        f"- length: {meta.get('epochs', '?')} epochs, checkpoint step {meta.get('step', '?')}",
+        f"- input: {meta.get('input_size', '?')} px, normalised with mean {mean} and std {std}", "",
+        "## Results of the run", "",
+        *(["| evaluation | value |", "|---|---|", *rows] if rows else ["No evaluation was run before the export."]), "",
+        "## Use", "", "```python", "import timm", "",
+        "model = timm.create_model(\"local-dir:PATH\", pretrained=True).eval()   # or \"hf-hub:USER/REPO\"",
+        "features = model(images)   # (B, num_features)", "```", "",
+        "Preprocess as the run evaluated: pixels in [0, 1], resize and centre-crop to the input size, then "
+        "`(x - mean) / std` (`timm.data.resolve_data_config({}, model=model)` reads them from config.json).", ""]
+    return "\n".join(lines)
+
+
+def _save_hf(folded: nn.Module, out_dir: Path, meta: dict) -> nn.Module:
+    """Write the ``hf`` folder (``config.json``, ``model.safetensors``, ``README.md``); returns it loaded
+    back with ``timm.create_model("local-dir:...", pretrained=True)``."""
+    import timm
+    from timm.models import save_for_hf
+
+    twin = _timm_twin(folded)
+    size = int(meta["input_size"])
+    pretrained_cfg = {"tag": f"bcssl_{meta.get('method', 'ssl')}", "license": None, "source": None,
+                      "input_size": [int(meta.get("in_chans", 3)), size, size]}
+    if meta.get("mean") is not None:
+        pretrained_cfg.update(mean=list(meta["mean"]), std=list(meta["std"]))
+    out_dir.mkdir(parents=True)
+    # "bcssl": the export metadata (as a safetensors export's), which load_backbone attaches; timm ignores it
+    bcssl_meta = _str_meta({k: v for k, v in meta.items() if k != "results"})
+    save_for_hf(twin, str(out_dir), model_config={"pretrained_cfg": pretrained_cfg, "bcssl": bcssl_meta},
+                safe_serialization=True)
+    cfg = json.loads((out_dir / "config.json").read_text())
+    (out_dir / "README.md").write_text(_model_card(meta, cfg["architecture"], cfg.get("model_args", {})))
+    return timm.create_model(f"local-dir:{out_dir}", pretrained=True).eval()
 
 
 def _create_timm(name: str, kwargs: dict) -> nn.Module:
@@ -386,12 +467,15 @@ def load_backbone(path: str | os.PathLike, *, device: str | torch.device = "cpu"
       BN folded; from ``--format timm``: the timm model (``timm.create_model``, ``num_classes=0``).
     - ``*.torchscript.pt`` (any ``.pt``/``.pth``): ``torch.jit.load``.
     - ``*.onnx``: an :class:`OnnxBackbone` (onnxruntime on the CPU; ``device`` is ignored).
+    - an ``hf`` export folder (``config.json`` + ``model.safetensors``): the timm model.
     - a run directory: its eval backbone from the latest checkpoint, BN folded.
 
     Always eval mode; ``model(x)`` gives pooled features ``(B, num_features)``. Export metadata
     (``input_size``, ``mean``, ``std``, ``source_run`` ...) is in ``model.bcssl_metadata``.
     """
     p = Path(path)
+    if p.is_dir() and (p / "config.json").is_file() and not (p / "config.yaml").is_file():
+        return _load_hf(p, device)
     if p.is_dir():
         from bcssl.engine.runtime import load_run
 
@@ -402,6 +486,19 @@ def load_backbone(path: str | os.PathLike, *, device: str | torch.device = "cpu"
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist (expected an export file from `bcssl export` or a run directory)")
     return _load_file(p, device=device)
+
+
+def _load_hf(folder: Path, device="cpu") -> nn.Module:
+    """An ``hf`` export folder through ``timm.create_model("local-dir:...", pretrained=True)``."""
+    import timm
+
+    try:
+        meta = json.loads((folder / "config.json").read_text()).get("bcssl") or {}
+        net = timm.create_model(f"local-dir:{folder}", pretrained=True)
+    except Exception as e:  # a foreign or damaged folder
+        raise ExportError(f"{folder} is not a loadable timm model folder ({type(e).__name__}: {str(e)[:200]})") from e
+    _attach(net, meta)
+    return net.to(device).eval()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -479,6 +576,8 @@ def export_backbone(backbone: nn.Module, out: str | os.PathLike, fmt: str = "saf
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
+    if fmt == "hf":
+        return _export_hf(folded, out, tmp, meta, x_check, ref, tolerance, backbone, model)
     try:
         if fmt == "safetensors":
             _save_safetensors(folded.state_dict(), tmp, meta)
@@ -509,6 +608,47 @@ def export_backbone(backbone: nn.Module, out: str | os.PathLike, fmt: str = "saf
                         _str_meta(meta))
 
 
+def _export_hf(folded, out: Path, tmp: Path, meta: dict, x_check, ref, tolerance: float, backbone,
+               model) -> ExportResult:
+    """The ``hf`` branch of :func:`export_backbone`: a folder, written beside ``out``, verified with
+    ``timm.create_model("local-dir:...")``, then renamed into place (an older export is replaced)."""
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        loaded = _save_hf(folded, tmp, meta)
+        with torch.no_grad():
+            got = loaded(x_check).float()
+        diff = float((got - ref).abs().max()) if got.shape == ref.shape else float("inf")
+        if not diff <= tolerance:
+            raise ExportError(f"verification failed: timm.create_model('local-dir:...') of the hf export differs "
+                              f"from the unfolded backbone by {diff:.3g} > {tolerance:g}; nothing written")
+        cfg = json.loads((tmp / "config.json").read_text())
+        old = out.with_name(f".{out.name}.old.{os.getpid()}")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    shown = str(meta.get("variant") or model or getattr(backbone, "name", type(backbone).__name__))
+    return ExportResult(out, "hf", diff, int(meta["input_size"]), shown, tolerance, cfg["architecture"],
+                        cfg.get("model_args"), _str_meta({k: v for k, v in meta.items() if k != "results"}))
+
+
+def _run_results(run: Path) -> dict:
+    """The run's evaluation results for a model card: k-NN, linear probe, mean corruption error."""
+    out = {}
+    for file, keys in (("knn.json", ("knn_top1", "knn_top5")), ("linear.json", ("linear_top1", "linear_protocol")),
+                       ("robustness.json", ("mce", "mean_error"))):
+        try:
+            data = json.loads((run / file).read_text())
+        except (OSError, ValueError):
+            continue
+        out.update({k: data[k] for k in keys if data.get(k) is not None})
+    return out
+
+
 def _run_metadata(run: Path, loaded) -> dict:
     cfg = loaded.cfg
     return {"variant": str(cfg.model.name), "method": str(cfg.method.name), "source_run": str(run.resolve()),
@@ -532,10 +672,17 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "safetensors", out: str | 
     run = Path(run_dir)
     loaded = load_run(run)
     meta = _run_metadata(run, loaded)
+    if fmt == "hf":  # the model card's facts
+        cfg = loaded.cfg
+        meta.update(data=str(cfg.data.name) + (f" ({cfg.data.root})" if cfg.data.get("root") else ""),
+                    epochs=int(cfg.train.epochs) if not cfg.train.get("steps") else f"{cfg.train.steps} steps",
+                    results=_run_results(run))
     size = int(input_size) if input_size is not None else meta["input_size"]
     meta["input_size"] = size
     target = Path(out) if out is not None else run / "export"
-    if out is None or target.is_dir() or str(out).endswith(os.sep):
+    if fmt == "hf":  # a folder: --out names it
+        target = target if out is not None else target / DEFAULT_NAMES[fmt]
+    elif out is None or target.is_dir() or str(out).endswith(os.sep):
         target = target / DEFAULT_NAMES[fmt]
     return export_backbone(loaded.backbone, target, fmt, model_name=str(loaded.cfg.model.name),
                            model_kwargs=config_model_kwargs(loaded.cfg.model), input_size=size,

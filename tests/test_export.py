@@ -47,7 +47,8 @@ def test_random_bn_stats_make_folding_matter():
 def test_each_format_equals_the_unfolded_model(tmp_path, fmt):
     m = tiny().train()  # the export must use eval-mode BN and restore the mode
     r = export_backbone(m, tmp_path / DEFAULT_NAMES[fmt], fmt, input_size=32)
-    assert m.training and r.path.is_file() and r.format == fmt and r.max_abs_diff < TOL
+    assert m.training and (r.path.is_dir() if fmt == "hf" else r.path.is_file()) and r.format == fmt
+    assert r.max_abs_diff < TOL
     assert [p.name for p in tmp_path.iterdir()] == [DEFAULT_NAMES[fmt]]  # no temporary file left
     m.eval()
     x = torch.randn(2, 3, 48, 40)  # another batch size and a non-square size than traced/checked
@@ -222,3 +223,66 @@ def test_cli_export_errors_are_one_line(tiny_run, tmp_path, capsys):
     assert "not a bcssl run directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse rejects an unknown format
         main(["export", str(tiny_run), "--format", "tflite"])
+
+
+# --- hf: timm's model folder (config.json + model.safetensors + model card) ------------------------
+HF_TWINS = {  # every backbone with a timm twin, tiny; the exported folder must give its features
+    "bcssl_bn+ln_k9": lambda: tiny(),
+    "bcssl_ln_k5_stem1": lambda: tiny(kernel_size=5, dw_norm="ln", stem_stride=1),
+    "convnext_t": lambda: create_backbone("convnext_t", depths=(1, 1, 1, 1), dims=(8, 16, 32, 64)),
+    "resnet50": lambda: create_backbone("resnet50", depths=(1, 1, 1, 1), dims=(16, 32, 64, 128)),
+    "vit_s16": lambda: create_backbone("vit_s16", depths=2, dims=64, img_size=32),
+    "swin_t": lambda: create_backbone("swin_t", depths=(1, 2, 1, 2), dims=(8, 16, 32, 64), img_size=32),
+}
+
+
+@pytest.mark.parametrize("name", list(HF_TWINS))
+def test_hf_folder_loads_with_timm_local_dir(tmp_path, name):
+    import timm
+
+    m = HF_TWINS[name]()
+    randomise(m)
+    r = export_backbone(m, tmp_path / "hf", "hf", input_size=32, metadata={"method": "dino", "mean": [0.5] * 3,
+                                                                           "std": [0.25] * 3})
+    assert r.max_abs_diff < 1e-5 and sorted(p.name for p in (tmp_path / "hf").iterdir()) == [
+        "README.md", "config.json", "model.safetensors"]
+    net = timm.create_model(f"local-dir:{tmp_path / 'hf'}", pretrained=True).eval()  # strict load
+    x = torch.randn(2, 3, 32, 32)
+    assert max_diff(net, m.eval(), x) < 1e-5
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg["architecture"] == r.timm_model and cfg["pretrained_cfg"]["mean"] == [0.5] * 3
+    assert cfg["pretrained_cfg"]["tag"] == "bcssl_dino" and not list(tmp_path.glob(".hf*"))
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: tiny(dw_norm="bn"), "dw_norm='bn'"),
+    (lambda: tiny(stem_stride=2), "stem_stride=2"),
+    (lambda: create_backbone("vit_s16_mocov3", depths=1, dims=64, img_size=32), "no timm twin"),
+])
+def test_hf_refuses_backbones_without_a_timm_twin(tmp_path, make, match):
+    with pytest.raises(ExportError, match=match):
+        export_backbone(make(), tmp_path / "hf", "hf", input_size=32)
+    assert not (tmp_path / "hf").exists() and not list(tmp_path.iterdir())
+
+
+def test_cli_hf_export_of_a_run_has_a_model_card(tmp_path, tiny_fmnist, capsys):
+    from bcssl.engine import checkpoint as ckpt
+    from bcssl.engine.run_dir import run_dir_of, save_config, write_json
+    from bcssl.engine.runtime import build_method
+
+    cfg = tiny_config(tmp_path, tiny_fmnist, "model.stem_stride=4", "model.kernel_size=9")
+    run = run_dir_of(cfg)
+    run.mkdir(parents=True)
+    save_config(cfg, run)
+    method = build_method(cfg)
+    randomise(method.eval_backbone())
+    ckpt.save({"method": method.state_dict(), "step": 7}, run / "checkpoint.pt")
+    write_json(run / "knn.json", {"knn_top1": 81.25, "knn_top5": 97.5})
+    assert main(["export", str(run), "--format", "hf", "--json"]) == 0
+    r = last_json(capsys.readouterr().out)
+    assert r["path"] == str(run / "export" / "hf") and r["max_abs_diff"] < 1e-5
+    card = (run / "export" / "hf" / "README.md").read_text()
+    assert "| knn_top1 | 81.25 |" in card and "method: dino" in card and "fashion_mnist" in card
+    assert 'timm.create_model("local-dir:PATH", pretrained=True)' in card
+    assert main(["export", str(run), "--format", "hf", "--json"]) == 0  # again: replaces the folder
+    assert sorted(p.name for p in (run / "export").iterdir()) == ["hf"]
