@@ -65,3 +65,9 @@ def test_python_images_names_the_bad_item():
         PythonImages([__import__("numpy").zeros((4, 5, 6, 7), "uint8")])
     with pytest.raises(ValueError, match="train_set is empty"):
         PythonImages([])
+
+
+def test_webdataset_example(tmp_path):
+    out = run_example("webdataset", tmp_path)
+    assert out.split() == ["64"]
+    assert len(list(tmp_path.glob("train-*.tar"))) == 4 and (tmp_path / "runs/shards/checkpoint.pt").is_file()

@@ -31,7 +31,8 @@ class CanvasConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "fashion_mnist"  # fashion_mnist | fashion_mnist_canvas | image_folder | cifar10 | cifar100 | stl10
+    # fashion_mnist | fashion_mnist_canvas | image_folder | webdataset | cifar10 | cifar100 | stl10
+    name: str = "fashion_mnist"
     root: Optional[str] = None  # None: the dataset's default location
     split: str = "train"
     eval_split: str = "test"  # the split k-NN queries come from ("val" for ImageNet folders)
@@ -45,6 +46,12 @@ class DataConfig:
     # (torchvision.io.decode_jpeg; nvJPEG on CUDA) and cuts the crops there, instead of PIL in the workers
     decode_on_device: bool = False
     canvas: CanvasConfig = field(default_factory=CanvasConfig)
+    # webdataset (tar shards, pre-training only): the shards as brace patterns, space separated
+    # ("/data/train-{000000..001023}.tar"); the number of samples in the set (an epoch's length; counted
+    # from local shards when null); the per-worker sample shuffle buffer
+    urls: Optional[str] = None
+    num_samples: Optional[int] = None
+    shuffle_buffer: int = 1000
 
 
 @dataclass

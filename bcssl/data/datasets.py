@@ -665,7 +665,8 @@ def load_torchvision(
 
 # ----------------------------------------------------------------------------- factory
 
-DATASET_NAMES = ("fashion_mnist", "fashion_mnist_canvas", "image_folder", "cifar10", "cifar100", "stl10")
+DATASET_NAMES = ("fashion_mnist", "fashion_mnist_canvas", "image_folder", "webdataset", "cifar10", "cifar100",
+                 "stl10")
 
 
 def build_dataset(
@@ -714,8 +715,15 @@ def build_dataset(
 
 
 def pretraining_dataset(cfg) -> Dataset:
-    """The ``data.split`` set a run pre-trains on (``data.*``: a flat folder or file list is fine)."""
+    """The ``data.split`` set a run pre-trains on (``data.*``: a flat folder or file list is fine;
+    ``webdataset``: the tar shards of ``data.urls``, :class:`~bcssl.data.shards.TarShards`)."""
     d = cfg.data
+    if _is_shards(d):
+        from .shards import TarShards
+
+        if not d.urls:
+            raise ValueError("data.name=webdataset needs data.urls (e.g. data.urls='/data/train-{000000..000127}.tar')")
+        return TarShards(d.urls, d.num_samples, d.shuffle_buffer)
     return build_dataset(d.name, root=d.root, split=d.split, download=d.download, file_list=d.file_list,
                          decode_on_device=d.decode_on_device, canvas=d.canvas)
 
@@ -734,7 +742,12 @@ def _sections(cfg):
 
 
 def _is_folder(data) -> bool:
-    return str(data.name).lower().replace("-", "_") == "image_folder"
+    """Image files: an image folder, or tar shards, whose evaluations read a labelled image folder."""
+    return str(data.name).lower().replace("-", "_") in ("image_folder", "webdataset")
+
+
+def _is_shards(data) -> bool:
+    return str(data.name).lower().replace("-", "_") == "webdataset"
 
 
 def evaluation_labels_missing(cfg) -> str | None:
@@ -743,6 +756,8 @@ def evaluation_labels_missing(cfg) -> str | None:
     data, ev = _sections(cfg)
     if not _is_folder(data):
         return None
+    if _is_shards(data) and not ev.root:
+        return _SHARDS_NEED_EVAL_ROOT
     root = ev.root or data.root
     for split in dict.fromkeys((data.split, data.eval_split)):
         try:
@@ -752,6 +767,10 @@ def evaluation_labels_missing(cfg) -> str | None:
         except (DatasetNotFoundError, OSError, TypeError):
             return None
     return None
+
+
+_SHARDS_NEED_EVAL_ROOT = ("evaluations of a run pre-trained on tar shards (data.name=webdataset) read a labelled image "
+                          "folder: pass eval.data.root=DIR (<dir>/<class>/<image>, optionally with train/ and val/)")
 
 
 def _unlabelled_message(folder, split: str, from_eval_root: bool) -> str:
@@ -766,7 +785,7 @@ def dataset_from_config(cfg, split: str) -> Dataset:
 
     ``cfg``: the run's config (a bare ``data`` section works too, with eval.data's defaults).
     Image folders: ``eval.data.root`` (else ``data.root``; ``data.file_list`` is the pre-training
-    set only), with DINO's evaluation transform ``Resize(eval.data.resize_size)`` +
+    set only; tar shards: ``eval.data.root``), with DINO's evaluation transform ``Resize(eval.data.resize_size)`` +
     ``CenterCrop(eval.data.crop_size)`` of the original image. Other sets: as pre-training.
 
     Raises:
@@ -776,7 +795,9 @@ def dataset_from_config(cfg, split: str) -> Dataset:
     if not _is_folder(data):
         return build_dataset(data.name, root=ev.root or data.root, split=split, download=data.download,
                              canvas=data.get("canvas"))
-    ds = build_dataset(data.name, root=ev.root or data.root, split=split, resize_size=ev.resize_size,
+    if _is_shards(data) and not ev.root:
+        raise UnlabelledDataError(_SHARDS_NEED_EVAL_ROOT)
+    ds = build_dataset("image_folder", root=ev.root or data.root, split=split, resize_size=ev.resize_size,
                        crop_size=ev.crop_size)
     if not ds.labelled:
         raise UnlabelledDataError(_unlabelled_message(ds.root, split, bool(ev.root)))

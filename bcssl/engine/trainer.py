@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
 from bcssl.data import BatchLoader, WorkerPhotometric, pretraining_dataset, probe_readable
+from bcssl.data.shards import ShardLoader, TarShards
 from bcssl.data.multicrop import multicrop_from_config
 from bcssl.engine import checkpoint as ckpt
 from bcssl.engine import distributed as ddp
@@ -148,7 +149,11 @@ def run_plan(cfg: DictConfig, world_size: int = 1) -> dict:
     from bcssl.models.complexity import count_macs, count_params
 
     dataset = pretraining_dataset(cfg)
-    loader = BatchLoader(dataset, cfg.train.batch_size, seed=cfg.seed, limit=cfg.data.limit, world_size=world_size)
+    if isinstance(dataset, TarShards):
+        loader = ShardLoader(dataset, cfg.train.batch_size, seed=cfg.seed, world_size=world_size,
+                             workers=cfg.data.workers, crops=multicrop_from_config(cfg.crops).cfg, limit=cfg.data.limit)
+    else:
+        loader = BatchLoader(dataset, cfg.train.batch_size, seed=cfg.seed, limit=cfg.data.limit, world_size=world_size)
     steps = len(loader)
     total = int(cfg.train.steps) if cfg.train.steps else steps * cfg.train.epochs
     torch.manual_seed(cfg.seed)
@@ -197,10 +202,15 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
     in_workers = device.type == "cpu" and cfg.data.workers > 0 and not cfg.data.decode_on_device
     photometric = WorkerPhotometric(multicrop.cfg, partial(step_seed, cfg.seed), global_batch_size) \
         if in_workers else None
-    loader = BatchLoader(dataset, cfg.train.batch_size, seed=cfg.seed, shuffle=True, drop_last=True,
-                         workers=cfg.data.workers, pin_memory=device.type == "cuda", limit=cfg.data.limit,
-                         rank=dist.rank, world_size=dist.world_size, crops=multicrop.cfg, decode_device=device,
-                         photometric=photometric)
+    if isinstance(dataset, TarShards):  # streamed shards: the loader of bcssl.data.shards
+        loader = ShardLoader(dataset, cfg.train.batch_size, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
+                             workers=cfg.data.workers, crops=multicrop.cfg, photometric=photometric,
+                             pin_memory=device.type == "cuda", limit=cfg.data.limit)
+    else:
+        loader = BatchLoader(dataset, cfg.train.batch_size, seed=cfg.seed, shuffle=True, drop_last=True,
+                             workers=cfg.data.workers, pin_memory=device.type == "cuda", limit=cfg.data.limit,
+                             rank=dist.rank, world_size=dist.world_size, crops=multicrop.cfg, decode_device=device,
+                             photometric=photometric)
     if loader.may_drop_images and hasattr(dataset, "open"):
         probe_readable(dataset)  # a folder of unreadable files stops here, not after an empty epoch
     steps_per_epoch = len(loader)
