@@ -173,14 +173,13 @@ def test_load_backbone_errors(tmp_path):
 # --- a run: `bcssl export` and load_backbone(run_dir) ----------------------------------------------
 
 
-@pytest.fixture
-def tiny_run(tmp_path, tiny_fmnist):
+def make_run(tmp_path, data_root, *overrides):
     """A run directory with a checkpoint whose teacher has non-trivial BN stats (no training needed)."""
     from bcssl.engine import checkpoint as ckpt
     from bcssl.engine.run_dir import run_dir_of, save_config
     from bcssl.engine.runtime import build_method
 
-    cfg = tiny_config(tmp_path, tiny_fmnist)  # bcssl_atto 8..64, stem_stride 2, kernel 3, bn+ln
+    cfg = tiny_config(tmp_path, data_root, *overrides)
     run = run_dir_of(cfg)
     run.mkdir(parents=True)
     save_config(cfg, run)
@@ -188,6 +187,11 @@ def tiny_run(tmp_path, tiny_fmnist):
     randomise(method.eval_backbone())
     ckpt.save({"method": method.state_dict(), "step": 7}, run / "checkpoint.pt")
     return run
+
+
+@pytest.fixture
+def tiny_run(tmp_path, tiny_fmnist):
+    return make_run(tmp_path, tiny_fmnist)  # bcssl_atto 8..64, stem_stride 2, kernel 3, bn+ln
 
 
 def last_json(out: str) -> dict:
@@ -266,17 +270,9 @@ def test_hf_refuses_backbones_without_a_timm_twin(tmp_path, make, match):
 
 
 def test_cli_hf_export_of_a_run_has_a_model_card(tmp_path, tiny_fmnist, capsys):
-    from bcssl.engine import checkpoint as ckpt
-    from bcssl.engine.run_dir import run_dir_of, save_config, write_json
-    from bcssl.engine.runtime import build_method
+    from bcssl.engine.run_dir import write_json
 
-    cfg = tiny_config(tmp_path, tiny_fmnist, "model.stem_stride=4", "model.kernel_size=9")
-    run = run_dir_of(cfg)
-    run.mkdir(parents=True)
-    save_config(cfg, run)
-    method = build_method(cfg)
-    randomise(method.eval_backbone())
-    ckpt.save({"method": method.state_dict(), "step": 7}, run / "checkpoint.pt")
+    run = make_run(tmp_path, tiny_fmnist, "model.stem_stride=4", "model.kernel_size=9")
     write_json(run / "knn.json", {"knn_top1": 81.25, "knn_top5": 97.5})
     assert main(["export", str(run), "--format", "hf", "--json"]) == 0
     r = last_json(capsys.readouterr().out)
