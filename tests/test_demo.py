@@ -31,6 +31,13 @@ def test_plan_fills_the_budget_and_no_more(tmp_path, tiny_fmnist, monkeypatch, k
     assert plan["images"] == plan["steps"] * cfg.train.batch_size and plan["epochs"] == plan["steps"] / 4
 
 
+def test_speed_probe_trains_the_real_run_in_a_scratch_folder(tmp_path, tiny_fmnist):
+    cfg = tiny_config(tmp_path, tiny_fmnist, "demo.probe_steps=3", "log.backends=[tensorboard,csv]")
+    speed = demo.probe_speed(cfg)
+    assert speed["steps"] == 2 and speed["imgs_per_s"] > 0 and speed["setup_s"] >= 0
+    assert not (tmp_path / "runs").exists()  # the probe leaves nothing in the run folder
+
+
 def test_plan_says_when_nothing_fits(tmp_path, tiny_fmnist, monkeypatch):
     monkeypatch.setattr(demo, "probe_speed", fake_probe(40.0))
     cfg = tiny_config(tmp_path, tiny_fmnist, "demo.budget_min=0.2")
