@@ -98,7 +98,8 @@ def probe_speed(cfg: DictConfig) -> dict:
         probe = OmegaConf.merge(cfg, {"run": {"dir": tmp, "name": "probe"},
                                       "train": {"steps": n, "log_every_steps": 1, "checkpoint_every_steps": 0,
                                                 "progress": False},
-                                      "eval": {"knn_every": 0, "final_knn": False}, "log": {"backends": ["csv"]}})  # no tracker run for the probe
+                                      "eval": {"knn_every": 0, "final_knn": False},
+                                      "log": {"backends": ["csv"]}})  # no tracker run for the probe
         t = time.perf_counter()
         result = train(probe)
         wall = time.perf_counter() - t
