@@ -106,7 +106,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                         "without training or creating anything")
     p.add_argument("--resume-changed", action="store_true",
                    help="resume a run whose config differs from the one it started with in keys a run may change "
-                        "(train.epochs, train.steps, train.log_every_steps, train.checkpoint_every_steps, log.*, eval.*, linear.*, "
+                        "(train.epochs, train.steps, train.log_every_steps, train.checkpoint_every_steps, log.*, "
+                        "eval.*, linear.*, "
                         "detection.*); without it any difference is refused")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. train.epochs=10")
     _add_common(p)
@@ -146,7 +147,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     b.add_argument("--kernel-size", type=int, default=None, help="kernel size for bcssl_*/convnext_t")
     b.add_argument("--warmup", type=int, default=None, help="untimed batches before the first round "
                    "(default 3 on a GPU, 1 on the CPU)")
-    b.add_argument("--iters", type=int, default=None, help="timed batches per round (default 10 on a GPU, 3 on the CPU)")
+    b.add_argument("--iters", type=int, default=None,
+                   help="timed batches per round (default 10 on a GPU, 3 on the CPU)")
     b.add_argument("--repeats", type=int, default=None,
                    help="interleaved rounds per model; the median is reported (default 3 on a GPU, 2 on the CPU)")
     b.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")

@@ -301,7 +301,8 @@ def _validate(cfg: DictConfig) -> None:
     need(cfg.train.steps is None or cfg.train.steps >= 1, f"train.steps must be >= 1 (or null), got {cfg.train.steps}")
     need(cfg.demo.budget_min is None or cfg.demo.budget_min > 0,
          f"demo.budget_min must be a positive number of minutes (or null), got {cfg.demo.budget_min}")
-    need(cfg.demo.probe_steps >= 2, f"demo.probe_steps must be >= 2 (the first is not timed), got {cfg.demo.probe_steps}")
+    need(cfg.demo.probe_steps >= 2,
+         f"demo.probe_steps must be >= 2 (the first is not timed), got {cfg.demo.probe_steps}")
     need(0 <= cfg.demo.margin < 1, f"demo.margin must be in [0, 1), got {cfg.demo.margin}")
     need(cfg.train.batch_size >= 1, f"train.batch_size must be >= 1, got {cfg.train.batch_size}")
     need(cfg.train.amp in AMP_MODES, f"train.amp must be none, bf16 or fp16, got '{cfg.train.amp}'")
@@ -336,7 +337,8 @@ def _validate(cfg: DictConfig) -> None:
     need(cfg.throughput.amp in AMP_MODES, f"throughput.amp must be none, bf16 or fp16, got '{cfg.throughput.amp}'")
     need(cfg.method.dino.centering in ("centre", "sinkhorn_knopp"),
          f"method.dino.centering must be centre or sinkhorn_knopp, got '{cfg.method.dino.centering}'")
-    need(cfg.method.dino.koleo_weight >= 0, f"method.dino.koleo_weight must be >= 0, got {cfg.method.dino.koleo_weight}")
+    need(cfg.method.dino.koleo_weight >= 0,
+         f"method.dino.koleo_weight must be >= 0, got {cfg.method.dino.koleo_weight}")
     need(cfg.eval.encoder in ("auto", "student", "teacher"),
          f"eval.encoder must be auto, student or teacher, got '{cfg.eval.encoder}'")
 

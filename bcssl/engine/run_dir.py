@@ -158,7 +158,8 @@ def check_resume_config(run_dir: str | os.PathLike, cfg: DictConfig, allow_chang
     if all(_matches(k, RESUME_CHANGEABLE) for k in refused):
         way = "Add --resume-changed to continue this run with them, or start a new run with another run.name=..."
     else:
-        way = f"Start a new run with another run.name=... (--resume-changed continues a run only with changes to {allowed})"
+        way = (f"Start a new run with another run.name=... (--resume-changed continues a run only with changes "
+               f"to {allowed})")
     raise ConfigError(f"{run_dir} was started with another config; differing keys: {listed}. {way}")
 
 

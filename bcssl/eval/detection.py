@@ -1,5 +1,5 @@
-"""Detection transfer (the paper's Table 4; docs/recipe.md section 5): Mask R-CNN + FPN fine-tuned from a run's backbone on
-COCO-format data, scored with COCO box and mask AP.
+"""Detection transfer (the paper's Table 4; docs/recipe.md section 5): Mask R-CNN + FPN fine-tuned
+from a run's backbone on COCO-format data, scored with COCO box and mask AP.
 
 The detector is torchvision's Mask R-CNN; the backbone is the run's eval backbone (``eval.encoder``)
 with its BatchNorms folded into the depthwise convs. BC-SSL's BN is a fixed affine map at inference,

@@ -265,7 +265,8 @@ def run_features(loaded: LoadedRun, split: str, limit: int | None = None, *, dev
     dataset_key = json.dumps({"name": d.name, "root": str(getattr(ds, "root", d.root)), "split": split,
                               "preprocess": getattr(ds, "eval_transform", None),
                               "limit": limit, "len": len(ds), "classes": int(ds.num_classes),
-                              **({"canvas": OmegaConf.to_container(d.canvas)} if d.name == "fashion_mnist_canvas" else {})})
+                              **({"canvas": OmegaConf.to_container(d.canvas)}
+                                 if d.name == "fashion_mnist_canvas" else {})})
     transform = {"eval_preprocess": kw["size"], "mean": list(c.mean), "std": list(c.std),
                  "amp": cfg.train.amp, "encoder": loaded.encoder}
     if kind != "pooled":  # the k-NN's pooled features and a CNN's linear features are the same file
