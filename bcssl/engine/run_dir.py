@@ -5,7 +5,7 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -25,13 +25,14 @@ def run_dir_of(cfg: DictConfig) -> Path:
     return Path(cfg.run.dir) / cfg.run.name
 
 
-def load_run_config(run_dir: str | os.PathLike) -> DictConfig:
-    """The resolved config saved with a run; a clear error when ``run_dir`` is not a run."""
+def load_run_config(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> DictConfig:
+    """The resolved config saved with a run (+ dotlist ``overrides``); a clear error when
+    ``run_dir`` is not a run."""
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a bcssl run directory (no config.yaml); "
                                 "create one with `bcssl pretrain`")
-    return load_config(str(path))
+    return load_config(str(path), list(overrides))
 
 
 def _clean(v: Any) -> Any:

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING, Sequence
 import torch
 from torch import nn
 
-from bcssl.config import load_config
 from bcssl.engine import checkpoint as ckpt
+from bcssl.engine.run_dir import load_run_config
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -162,10 +162,7 @@ def load_run(run_dir: str | os.PathLike, overrides: Sequence[str] = ()) -> Loade
     Raises FileNotFoundError when ``run_dir`` is not a run directory or has no checkpoint.
     """
     run = Path(run_dir)
-    if not (run / "config.yaml").is_file():
-        raise FileNotFoundError(f"{run} is not a bcssl run directory (no config.yaml); "
-                                "create one with `bcssl pretrain`")
-    cfg = load_config(str(run / "config.yaml"), list(overrides))
+    cfg = load_run_config(run, overrides)
     path = ckpt.latest(run)
     if path is None:
         raise FileNotFoundError(f"{run} has no checkpoint.pt to evaluate; train it first with `bcssl pretrain`")

@@ -19,16 +19,11 @@ def random_init_knn(run_dir, overrides: Sequence[str] = (), *, device=None, prog
     """Writes ``<run>/random_init.json`` and returns it."""
     import torch
 
-    from bcssl.config import load_config
-    from bcssl.engine.run_dir import write_json
+    from bcssl.engine.run_dir import load_run_config, write_json
     from bcssl.engine.runtime import build_method, resolve_device
     from bcssl.eval.knn import KNNEvaluator
 
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise FileNotFoundError(f"{run_dir} is not a bcssl run directory (no config.yaml); "
-                                "create one with `bcssl pretrain`")
-    cfg = load_config(str(path), overrides)
+    cfg = load_run_config(run_dir, overrides)
     device = resolve_device(str(device) if device is not None else cfg.device)
     torch.manual_seed(cfg.seed)  # as the trainer, right before build_method (engine/trainer.py)
     method = build_method(cfg)
