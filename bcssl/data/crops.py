@@ -39,6 +39,7 @@ __all__ = [
     "draft_pixels",
     "open_rgb",
     "cut_crops",
+    "make_crop_item",
     "device_crops",
 ]
 
@@ -206,6 +207,14 @@ def cut_crops(img, boxes: Sequence[tuple[int, int, int, int]], size: tuple[int, 
         out.append(torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous())
         first += count
     return out
+
+
+def make_crop_item(img, size: tuple[int, int], seed: int, cfg, label: int) -> CropItem:
+    """The :class:`CropItem` of ``img`` (RGB PIL, decoded from an image of ``size`` = (w, h), maybe
+    reduced): its boxes from ``seed`` (:func:`crop_boxes`) cut by :func:`cut_crops`."""
+    boxes = crop_boxes(seed, size[0], size[1], cfg)
+    return CropItem(cut_crops(img, boxes, size, cfg), torch.tensor(boxes, dtype=torch.int64).view(-1, 4), size,
+                    img.size, label)
 
 
 def device_crops(img: torch.Tensor, boxes: Sequence[tuple[int, int, int, int]], cfg) -> list[torch.Tensor]:

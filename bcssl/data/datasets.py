@@ -33,7 +33,7 @@ import torch
 from PIL.Image import DecompressionBombError
 from torch.utils.data import Dataset
 
-from .crops import DRAFT_MARGIN, CropItem, Unreadable, crop_boxes, cut_crops, draft_pixels, open_rgb
+from .crops import DRAFT_MARGIN, CropItem, Unreadable, draft_pixels, make_crop_item, open_rgb
 
 log = logging.getLogger("bcssl")
 
@@ -516,12 +516,9 @@ class ImageFolderDataset(Dataset):
         (:func:`~bcssl.data.crops.crop_seed`), or :class:`~bcssl.data.crops.Unreadable`."""
         try:
             img, size = self.open(i, min_pixels=draft_pixels(cfg))
-            boxes = crop_boxes(seed, size[0], size[1], cfg)
-            groups = cut_crops(img, boxes, size, cfg)
+            return make_crop_item(img, size, seed, cfg, int(self.targets[i]))
         except _DECODE_ERRORS as e:
             return Unreadable(self.path(i), _reason(e))
-        return CropItem(groups, torch.tensor(boxes, dtype=torch.int64).view(-1, 4), size, img.size,
-                        int(self.targets[i]))
 
     def read(self, i: int) -> torch.Tensor | Unreadable:
         """Item ``i`` for device decoding: a JPEG file's bytes as 1-D uint8 (told by its magic

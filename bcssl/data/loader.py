@@ -220,7 +220,30 @@ class _RawCollate:
         return good, bad
 
 
-class BatchLoader:
+class SkipCounter:
+    """Counts the unreadable images a loader drops (``skipped``) and names the first in one log line.
+    Subclasses set ``dataset``; ``skipped = 0`` and ``_warned = False`` are their starting state."""
+
+    skipped = 0
+    _warned = False
+
+    def _report_skipped(self, bad: list) -> None:
+        if not bad:
+            return
+        if not self._warned:
+            self._warned = True
+            i, item = bad[0]
+            what = f"{item.path} ({item.reason})" if isinstance(item, Unreadable) else self._describe(i)
+            log.warning("skipping unreadable image %s; further unreadable images are skipped without a message "
+                        "and counted", what)
+        self.skipped += len(bad)
+
+    def _describe(self, i: int) -> str:
+        path = getattr(self.dataset, "path", None)
+        return str(path(i)) if callable(path) else f"#{i} of {type(self.dataset).__name__}"
+
+
+class BatchLoader(SkipCounter):
     """Deterministic, resumable batches ``(uint8 (B, C, H, W), int64 (B,))`` for one rank.
 
     Args:
@@ -296,8 +319,6 @@ class BatchLoader:
         self.in_memory = isinstance(getattr(dataset, "images", None), torch.Tensor) and isinstance(
             getattr(dataset, "labels", None), torch.Tensor
         )
-        self.skipped = 0
-        self._warned = False
         if len(self) == 0:
             # Fail early: an epoch of zero steps would make training silently do nothing.
             raise ValueError(
@@ -412,18 +433,3 @@ class BatchLoader:
         if not good:
             batch = batch.to(self.decode_device)
         return batch, bad
-
-    def _report_skipped(self, bad: list) -> None:
-        if not bad:
-            return
-        if not self._warned:
-            self._warned = True
-            i, item = bad[0]
-            what = f"{item.path} ({item.reason})" if isinstance(item, Unreadable) else self._describe(i)
-            log.warning("skipping unreadable image %s; further unreadable images are skipped without a message "
-                        "and counted", what)
-        self.skipped += len(bad)
-
-    def _describe(self, i: int) -> str:
-        path = getattr(self.dataset, "path", None)
-        return str(path(i)) if callable(path) else f"#{i} of {type(self.dataset).__name__}"

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from .crops import CropItem, crop_boxes, cut_crops
+from .crops import CropItem, make_crop_item
 
 _EXPECTED = ("a PIL image, a uint8 tensor (C, H, W) / (H, W), a uint8 ndarray (H, W, C) / (H, W), "
              "or a tuple (image, label)")
@@ -84,8 +84,8 @@ class PythonImages(Dataset):
         if isinstance(item, (tuple, list)):
             if not item:
                 raise TypeError(f"{where} returned an empty {type(item).__name__}; expected {_EXPECTED}")
-            if len(item) > 1 and isinstance(item[1], (int, np.integer)) or (
-                    len(item) > 1 and isinstance(item[1], torch.Tensor) and item[1].numel() == 1):
+            if len(item) > 1 and (isinstance(item[1], (int, np.integer)) or (
+                    isinstance(item[1], torch.Tensor) and item[1].numel() == 1)):
                 label = int(item[1])
             item = item[0]
         return to_pil_rgb(item, where), label
@@ -93,10 +93,7 @@ class PythonImages(Dataset):
     def crop_item(self, i: int, seed: int, cfg) -> CropItem:
         """Item ``i``'s pre-training crops (as ``ImageFolderDataset.crop_item``)."""
         img, label = self._image_and_label(i)
-        size = img.size
-        boxes = crop_boxes(seed, size[0], size[1], cfg)
-        groups = cut_crops(img, boxes, size, cfg)
-        return CropItem(groups, torch.tensor(boxes, dtype=torch.int64).view(-1, 4), size, size, label)
+        return make_crop_item(img, img.size, seed, cfg, label)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         img, label = self._image_and_label(i)

@@ -31,17 +31,15 @@ are dropped from their batch and counted like unreadable files.
 from __future__ import annotations
 
 import io
-import logging
 import random
 from typing import Iterator, Sequence
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from .crops import CropItem, Unreadable, crop_boxes, crop_seed, cut_crops, draft_pixels, open_rgb
-from .loader import CropBatch, WorkerPhotometric, _CropCollate, _epoch_seed
-
-log = logging.getLogger("bcssl")
+from .crops import CropItem, Unreadable, crop_seed, draft_pixels, make_crop_item, open_rgb
+from .datasets import _DECODE_ERRORS, _reason
+from .loader import CropBatch, SkipCounter, WorkerPhotometric, _CropCollate, _epoch_seed
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "ppm", "bmp", "tif", "tiff")
 _INSTALL = "pip install 'bcssl[webdataset]' (or pip install webdataset)"
@@ -141,11 +139,11 @@ class _ShardStream(IterableDataset):
         mine = [self.shards.urls[i] for i in order[self.rank::self.world_size][worker::workers]]
         stream = self._samples(mine, worker)
         b = self.batch_size
-        for _ in range(b * len(range(worker, self.start_step, workers))):  # consumed before the resume
+        steps = range(worker, self.steps, workers)
+        done = len(range(worker, self.start_step, workers))  # this stream's steps before the resume
+        for _ in range(b * done):
             next(stream)
-        for step in range(worker, self.steps, workers):
-            if step < self.start_step:
-                continue
+        for step in steps[done:]:
             global_step = self.epoch * self.steps + step
             batch = []  # (index in batch, crop seed, position in the global batch, global step, item)
             for j in range(b):
@@ -159,16 +157,14 @@ class _ShardStream(IterableDataset):
             data, name, label = _image_of(sample)
         except KeyError as e:  # a sample without an image member
             return Unreadable(str(sample.get("__url__", "?")), str(e.args[0]))
-        try:
+        try:  # a broken image is counted and dropped, as a broken file
             img, size = open_rgb(io.BytesIO(data), min_pixels=draft_pixels(self.crops))
-            boxes = crop_boxes(seed, size[0], size[1], self.crops)
-            groups = cut_crops(img, boxes, size, self.crops)
-        except Exception as e:  # noqa: BLE001  a broken image is counted and dropped, as a broken file
-            return Unreadable(name, f"{type(e).__name__}: {str(e)[:120]}")
-        return CropItem(groups, torch.tensor(boxes, dtype=torch.int64).view(-1, 4), size, img.size, label)
+            return make_crop_item(img, size, seed, self.crops, label)
+        except _DECODE_ERRORS as e:
+            return Unreadable(name, _reason(e))
 
 
-class ShardLoader:
+class ShardLoader(SkipCounter):
     """:class:`~bcssl.data.loader.BatchLoader`'s interface over :class:`TarShards` (see the module
     docstring): ``len()`` steps per epoch, ``epoch(epoch, start_step)`` yields :class:`CropBatch` es."""
 
@@ -186,8 +182,6 @@ class ShardLoader:
         self.rank, self.world_size, self.workers = int(rank), int(world_size), int(workers)
         self.crops, self.photometric, self.pin_memory = crops, photometric, pin_memory
         self.num_items = len(shards) if limit is None else min(int(limit), len(shards))
-        self.skipped = 0
-        self._warned = False
         streams = self.world_size * max(1, self.workers)
         if len(shards.urls) < streams:
             raise ValueError(f"{len(shards.urls)} shard(s) for {self.world_size} process(es) x {max(1, self.workers)} "
@@ -214,10 +208,5 @@ class ShardLoader:
 
     def _iter(self, loader):
         for batch, bad in loader:
-            if bad:
-                if not self._warned:
-                    self._warned = True
-                    log.warning("skipping unreadable image %s (%s); further ones are skipped without a message and "
-                                "counted", bad[0][1].path, bad[0][1].reason)
-                self.skipped += len(bad)
+            self._report_skipped(bad)
             yield batch
