@@ -142,27 +142,45 @@ def scaled_lr(cfg: DictConfig, world_size: int) -> float:
     return cfg.train.lr * cfg.train.batch_size * world_size / 256
 
 
+def _pretraining_loader(cfg: DictConfig, dataset, *, rank: int = 0, world_size: int = 1, crops=None,
+                        photometric=None, device: torch.device | None = None):
+    """The loader ``train`` reads ``dataset`` with: tar shards stream through
+    :class:`~bcssl.data.shards.ShardLoader`, everything else through :class:`BatchLoader`."""
+    pin = device is not None and device.type == "cuda"
+    if isinstance(dataset, TarShards):
+        return ShardLoader(dataset, cfg.train.batch_size, seed=cfg.seed, rank=rank, world_size=world_size,
+                           workers=cfg.data.workers, crops=crops, photometric=photometric, pin_memory=pin,
+                           limit=cfg.data.limit)
+    return BatchLoader(dataset, cfg.train.batch_size, seed=cfg.seed, shuffle=True, drop_last=True,
+                       workers=cfg.data.workers, pin_memory=pin, limit=cfg.data.limit, rank=rank,
+                       world_size=world_size, crops=crops, decode_device=device, photometric=photometric)
+
+
+def _run_length(cfg: DictConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """``(epochs, total steps)``: ``train.epochs`` full epochs, or ``train.steps`` (bcssl demo's
+    budget), which ends the last epoch early."""
+    if cfg.train.steps:
+        return math.ceil(int(cfg.train.steps) / steps_per_epoch), int(cfg.train.steps)
+    return int(cfg.train.epochs), steps_per_epoch * int(cfg.train.epochs)
+
+
 def run_plan(cfg: DictConfig, world_size: int = 1) -> dict:
     """What ``train(cfg)`` on ``world_size`` processes would do, without doing it (``pretrain
     --dry-run``): images, steps, global batch, learning rate, and the model's size (parameters of
     the student and of the backbone, backbone MACs per image at the global and local crop sizes)."""
     from bcssl.models.complexity import count_macs, count_params
 
-    dataset = pretraining_dataset(cfg)
-    if isinstance(dataset, TarShards):
-        loader = ShardLoader(dataset, cfg.train.batch_size, seed=cfg.seed, world_size=world_size,
-                             workers=cfg.data.workers, crops=multicrop_from_config(cfg.crops).cfg, limit=cfg.data.limit)
-    else:
-        loader = BatchLoader(dataset, cfg.train.batch_size, seed=cfg.seed, limit=cfg.data.limit, world_size=world_size)
+    loader = _pretraining_loader(cfg, pretraining_dataset(cfg), world_size=world_size,
+                                 crops=multicrop_from_config(cfg.crops).cfg)
     steps = len(loader)
-    total = int(cfg.train.steps) if cfg.train.steps else steps * cfg.train.epochs
+    epochs, total = _run_length(cfg, steps)
     torch.manual_seed(cfg.seed)
     method = build_method(cfg)
     backbone = method.eval_backbone("student")
     c = cfg.crops
     return {"run_dir": str(run_dir_of(cfg)), "images": loader.num_items, "world_size": world_size,
             "global_batch": loader.global_batch_size, "steps_per_epoch": steps,
-            "epochs": math.ceil(total / steps) if steps else cfg.train.epochs,
+            "epochs": epochs,
             "total_steps": total, "warmup_steps": min(cfg.train.warmup_epochs * steps, total),
             "lr": scaled_lr(cfg, world_size), "min_lr": cfg.train.min_lr,
             "student_params": count_params(method.student, trainable_only=True),
@@ -202,26 +220,15 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
     in_workers = device.type == "cpu" and cfg.data.workers > 0 and not cfg.data.decode_on_device
     photometric = WorkerPhotometric(multicrop.cfg, partial(step_seed, cfg.seed), global_batch_size) \
         if in_workers else None
-    if isinstance(dataset, TarShards):  # streamed shards: the loader of bcssl.data.shards
-        loader = ShardLoader(dataset, cfg.train.batch_size, seed=cfg.seed, rank=dist.rank, world_size=dist.world_size,
-                             workers=cfg.data.workers, crops=multicrop.cfg, photometric=photometric,
-                             pin_memory=device.type == "cuda", limit=cfg.data.limit)
-    else:
-        loader = BatchLoader(dataset, cfg.train.batch_size, seed=cfg.seed, shuffle=True, drop_last=True,
-                             workers=cfg.data.workers, pin_memory=device.type == "cuda", limit=cfg.data.limit,
-                             rank=dist.rank, world_size=dist.world_size, crops=multicrop.cfg, decode_device=device,
-                             photometric=photometric)
+    loader = _pretraining_loader(cfg, dataset, rank=dist.rank, world_size=dist.world_size, crops=multicrop.cfg,
+                                 photometric=photometric, device=device)
     if loader.may_drop_images and hasattr(dataset, "open"):
         probe_readable(dataset)  # a folder of unreadable files stops here, not after an empty epoch
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise TrainingError(f"{len(dataset)} training images (data.limit={cfg.data.limit}) give no full "
                             f"batch of train.batch_size={cfg.train.batch_size} x {dist.world_size} processes")
-    epochs = cfg.train.epochs
-    total_steps = steps_per_epoch * epochs
-    if cfg.train.steps:  # the run's length in steps (bcssl demo's budget): the last epoch ends early
-        total_steps = int(cfg.train.steps)
-        epochs = math.ceil(total_steps / steps_per_epoch)
+    epochs, total_steps = _run_length(cfg, steps_per_epoch)
     base_lr = scaled_lr(cfg, dist.world_size)
     warmup_steps = min(cfg.train.warmup_epochs * steps_per_epoch, total_steps)
 
