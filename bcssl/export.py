@@ -57,6 +57,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -576,8 +577,7 @@ def export_backbone(backbone: nn.Module, out: str | os.PathLike, fmt: str = "saf
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.{os.getpid()}")
-    if fmt == "hf":
-        return _export_hf(folded, out, tmp, meta, x_check, ref, tolerance, backbone, model)
+    _discard(tmp)
     try:
         if fmt == "safetensors":
             _save_safetensors(folded.state_dict(), tmp, meta)
@@ -585,6 +585,10 @@ def export_backbone(backbone: nn.Module, out: str | os.PathLike, fmt: str = "saf
         elif fmt == "timm":
             _save_safetensors(timm_state, tmp, meta)
             loaded = _load_file(tmp, "safetensors")
+        elif fmt == "hf":  # a folder, loaded back with timm.create_model("local-dir:...")
+            loaded = _save_hf(folded, tmp, meta)
+            hf_config = json.loads((tmp / "config.json").read_text())
+            timm_name, timm_kwargs = hf_config["architecture"], hf_config.get("model_args")
         elif fmt == "torchscript":
             _save_torchscript(folded, x_trace, tmp, meta)
             loaded = _load_file(tmp, "torchscript")
@@ -600,40 +604,32 @@ def export_backbone(backbone: nn.Module, out: str | os.PathLike, fmt: str = "saf
             raise ExportError(f"verification failed: the {fmt} export differs from the unfolded backbone by "
                               f"{diff:.3g} > {tolerance:g}; nothing written")
         del loaded  # release the file (onnxruntime session) before renaming
-        os.replace(tmp, out)
+        _put(tmp, out)
     finally:
-        tmp.unlink(missing_ok=True)
+        _discard(tmp)
     shown = str(meta.get("variant") or model or getattr(backbone, "name", type(backbone).__name__))
     return ExportResult(out, fmt, diff, int(input_size), shown, tolerance, timm_name, timm_kwargs,
-                        _str_meta(meta))
+                        _str_meta({k: v for k, v in meta.items() if k != "results"}))
 
 
-def _export_hf(folded, out: Path, tmp: Path, meta: dict, x_check, ref, tolerance: float, backbone,
-               model) -> ExportResult:
-    """The ``hf`` branch of :func:`export_backbone`: a folder, written beside ``out``, verified with
-    ``timm.create_model("local-dir:...")``, then renamed into place (an older export is replaced)."""
-    import shutil
+def _discard(path: Path) -> None:
+    """Remove a temporary export: a file, or an ``hf`` folder."""
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
 
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        loaded = _save_hf(folded, tmp, meta)
-        with torch.no_grad():
-            got = loaded(x_check).float()
-        diff = float((got - ref).abs().max()) if got.shape == ref.shape else float("inf")
-        if not diff <= tolerance:
-            raise ExportError(f"verification failed: timm.create_model('local-dir:...') of the hf export differs "
-                              f"from the unfolded backbone by {diff:.3g} > {tolerance:g}; nothing written")
-        cfg = json.loads((tmp / "config.json").read_text())
+
+def _put(tmp: Path, out: Path) -> None:
+    """Rename the verified ``tmp`` to ``out``, replacing an older export (a file, or an ``hf`` folder,
+    which ``os.replace`` cannot overwrite: it is moved aside first, then removed)."""
+    if tmp.is_dir() and out.exists():
         old = out.with_name(f".{out.name}.old.{os.getpid()}")
-        if out.exists():
-            os.replace(out, old)
+        os.replace(out, old)
         os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    shown = str(meta.get("variant") or model or getattr(backbone, "name", type(backbone).__name__))
-    return ExportResult(out, "hf", diff, int(meta["input_size"]), shown, tolerance, cfg["architecture"],
-                        cfg.get("model_args"), _str_meta({k: v for k, v in meta.items() if k != "results"}))
+        _discard(old)
+    else:
+        os.replace(tmp, out)
 
 
 def _run_results(run: Path) -> dict:
