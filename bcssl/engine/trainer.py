@@ -224,10 +224,7 @@ def _train(cfg: DictConfig, knn_eval, dist: ddp.DistInfo, device: torch.device, 
                                  photometric=photometric, device=device)
     if loader.may_drop_images and hasattr(dataset, "open"):
         probe_readable(dataset)  # a folder of unreadable files stops here, not after an empty epoch
-    steps_per_epoch = len(loader)
-    if steps_per_epoch == 0:
-        raise TrainingError(f"{len(dataset)} training images (data.limit={cfg.data.limit}) give no full "
-                            f"batch of train.batch_size={cfg.train.batch_size} x {dist.world_size} processes")
+    steps_per_epoch = len(loader)  # >= 1: both loaders refuse a set without a full global batch
     epochs, total_steps = _run_length(cfg, steps_per_epoch)
     base_lr = scaled_lr(cfg, dist.world_size)
     warmup_steps = min(cfg.train.warmup_epochs * steps_per_epoch, total_steps)
