@@ -121,11 +121,11 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="pre-train a small BC-SSL on Fashion-MNIST and report k-NN vs baselines")
     p.add_argument("--config", default="demo_fmnist", help="preset (default demo_fmnist: 15 min on any machine; "
-                   "demo_fmnist_long: a fixed 8 epochs, ~1 h)")
+                   "demo_fmnist_long: 60 min)")
     p.add_argument("--budget-min", type=float, default=None,
                    help="wall-clock minutes for the whole command (baselines, training, evaluation, report): "
                         "the demo times its first steps and trains as long as fits (default: the preset's "
-                        "demo.budget_min, 15 for demo_fmnist; an explicit train.epochs or train.steps override "
+                        "demo.budget_min: 15 for demo_fmnist, 60 for demo_fmnist_long; an explicit train.epochs or train.steps override "
                         "fixes the length instead)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. threads=2")
     _add_common(p)

@@ -109,3 +109,19 @@ def test_canvas_sweep_preset_trains_on_canvases(tmp_path, tiny_fmnist):
     _, backbone, _ = load_run_backbone(res.run_dir)
     # a 64 px view gives the stage maps 224 px ImageNet images give BC-SSL-T, divided by 3.5: 16/8/4/2
     assert backbone.forward_features(torch.zeros(1, 3, 64, 64)).shape[-1] == 2
+
+
+def test_fashion_mnist_presets_keep_the_network_their_results_were_measured_with():
+    """The demo trains a narrow network (more images in its budget); the method comparisons and the
+    sweeps stay on fmnist_dino's 32-256 network, with which REPRODUCING.md's numbers were measured."""
+    for preset in ("fmnist_dino", "fmnist_byol", "fmnist_moco_v3", "fmnist_care", "sweep_fmnist", "sweep_canvas"):
+        cfg = load_config(preset)
+        assert list(cfg.model.dims) == [32, 64, 128, 256], preset
+        assert cfg.demo.budget_min is None, preset  # a fixed length (train.epochs / train.steps)
+    for preset, budget in (("demo_fmnist", 15), ("demo_fmnist_long", 60)):
+        cfg = load_config(preset)
+        assert list(cfg.model.dims) == [8, 16, 32, 64] and cfg.model.kernel_size == 9, preset
+        assert (cfg.method.dino.hidden_dim, cfg.method.dino.out_dim) == (256, 1024), preset
+        assert cfg.demo.budget_min == budget, preset
+    dino = load_config("fmnist_dino").method.dino
+    assert (dino.hidden_dim, dino.out_dim, dino.bottleneck_dim) == (512, 2048, 64)
