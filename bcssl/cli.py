@@ -125,8 +125,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     p.add_argument("--budget-min", type=float, default=None,
                    help="wall-clock minutes for the whole command (baselines, training, evaluation, report): "
                         "the demo times its first steps and trains as long as fits (default: the preset's "
-                        "demo.budget_min: 15 for demo_fmnist, 60 for demo_fmnist_long; an explicit train.epochs or train.steps override "
-                        "fixes the length instead)")
+                        "demo.budget_min: 15 for demo_fmnist, 60 for demo_fmnist_long; an explicit train.epochs "
+                        "or train.steps override fixes the length instead)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. threads=2")
     _add_common(p)
 
